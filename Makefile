@@ -1,0 +1,52 @@
+# dae_jax: every target sets itself up; `make demo` or `make test` alone works on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+sources := dae_jax experiments tests
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: all install demo test lint format fashion-mnist clean
+
+all: lint test
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST from Debian's `dataset-fashion-mnist` package (offline, no TensorFlow needed).
+# Elsewhere dae-jax falls back to tensorflow-datasets, which downloads it.
+fashion-mnist:
+	@if [ -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST found in $(FASHION_MNIST_DIR)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "Installing Debian package dataset-fashion-mnist"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  echo "note: Fashion-MNIST is not installed; run 'sudo apt-get install dataset-fashion-mnist' to use it offline (falling back to tensorflow-datasets)"; \
+	else \
+	  echo "note: no apt-get here; tensorflow-datasets will download Fashion-MNIST"; \
+	fi
+
+# Trains the default config on Fashion-MNIST into runs/demo/ (a fresh run each time).
+demo: install fashion-mnist
+	rm -rf runs/demo
+	$(BIN)/dae-jax train --workdir=runs/demo --config=dae_jax/configs/default.py
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check $(sources)
+	$(BIN)/ruff format --check $(sources)
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix $(sources)
+	$(BIN)/ruff format $(sources)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
