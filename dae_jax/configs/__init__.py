@@ -1,0 +1,90 @@
+"""Config files (``get_config()``) and the checks every config passes before anything compiles."""
+
+import math
+from typing import Any
+
+import ml_collections
+
+from dae_jax.corruption import CORRUPTIONS
+from dae_jax.data import NAMES as DATASETS
+from dae_jax.errors import UserError
+from dae_jax.losses import PER_EXAMPLE
+
+NOISE_KINDS = tuple(CORRUPTIONS)
+LOSSES = tuple(PER_EXAMPLE)
+
+
+def _fail(key: str, value: Any, allowed: str) -> UserError:
+    return UserError(f"config {key}={value!r} is invalid: {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ``UserError`` naming the first bad key, its value and what is allowed."""
+    checks: list[tuple[str, bool, str]] = []
+
+    def check(key: str, ok: bool, allowed: str) -> None:
+        checks.append((key, ok, allowed))
+
+    def get(key: str) -> Any:
+        node: Any = config
+        try:
+            for part in key.split("."):
+                node = node[part]
+        except (KeyError, AttributeError, TypeError):
+            raise UserError(
+                f"config has no key {key}; start your config file from dae_jax/configs/default.py"
+            ) from None
+        return node
+
+    check("seed", _is_int(get("seed")), "must be an integer")
+    check("data.name", get("data.name") in DATASETS, f"must be one of {', '.join(DATASETS)}")
+    for key in ("data.train_size", "data.test_size"):
+        check(key, _is_int(get(key)) and get(key) >= 0, "must be an integer >= 0 (0 = all)")
+    hidden = get("model.hidden")
+    check(
+        "model.hidden",
+        isinstance(hidden, tuple | list)
+        and len(hidden) > 0
+        and all(_is_int(w) and w > 0 for w in hidden),
+        "must be a non-empty list of positive integers, e.g. (512, 256, 128)",
+    )
+    kind = get("noise.kind")
+    check("noise.kind", kind in NOISE_KINDS, f"must be one of {', '.join(NOISE_KINDS)}")
+    level = get("noise.level")
+    if kind == "gaussian":
+        check(
+            "noise.level",
+            _is_number(level) and math.isfinite(level) and level >= 0,
+            "the Gaussian noise's standard deviation must be a finite number >= 0",
+        )
+    else:
+        check(
+            "noise.level",
+            _is_number(level) and 0 <= level <= 1,
+            f"{kind} corrupts a fraction of the pixels: it must be in [0, 1]",
+        )
+    check("loss", get("loss") in LOSSES, f"must be one of {', '.join(LOSSES)}")
+    lr = get("optim.learning_rate")
+    check(
+        "optim.learning_rate",
+        _is_number(lr) and math.isfinite(lr) and lr > 0,
+        "must be a finite number > 0",
+    )
+    for key in ("train.epochs", "train.batch_size", "train.log_every", "eval.batch_size"):
+        check(key, _is_int(get(key)) and get(key) >= 1, "must be an integer >= 1")
+    check(
+        "eval.num_figure_images",
+        _is_int(get("eval.num_figure_images")) and get("eval.num_figure_images") >= 1,
+        "must be an integer >= 1",
+    )
+    for key, ok, allowed in checks:
+        if not ok:
+            raise _fail(key, get(key), allowed)
