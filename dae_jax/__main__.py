@@ -1,0 +1,5 @@
+"""``python -m dae_jax`` is the ``dae-jax`` command."""
+
+from dae_jax.cli import run
+
+run()
