@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny configs derived from the real default."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from dae_jax.configs import default
+
+REPO = Path(__file__).resolve().parents[1]
+DAE_JAX = [sys.executable, "-m", "dae_jax"]
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+    """A config that trains in about a second: synthetic data, a small MLP."""
+    config = default.get_config()
+    config.data.name = "synthetic"
+    config.data.train_size = 512
+    config.data.test_size = 96
+    config.model.hidden = (64, 32, 16)
+    config.train.epochs = 2
+    config.train.batch_size = 64
+    config.train.log_every = 3
+    config.eval.batch_size = 64
+    config.eval.num_figure_images = 5
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+TINY_FLAGS = [
+    "--config.data.name=synthetic",
+    "--config.data.train_size=512",
+    "--config.data.test_size=96",
+    "--config.model.hidden=(64,32,16)",
+    "--config.train.epochs=2",
+    "--config.train.batch_size=64",
+    "--config.train.log_every=3",
+    "--config.eval.batch_size=64",
+    "--config.eval.num_figure_images=5",
+]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs ``python -m dae_jax ARGS`` in a fresh process, as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [*DAE_JAX, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config

@@ -1,0 +1,77 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dae_jax import data, train
+from dae_jax.errors import UserError
+
+
+def fit_quiet(config, workdir):
+    lines: list[str] = []
+    result = train.fit(config, workdir, log=lines.append)
+    return result.summary, lines
+
+
+def final_params(config, workdir):
+    return jax.tree.leaves(train.fit(config, workdir, log=lambda line: None).state.params)
+
+
+def test_same_seed_same_parameters_other_seed_other(tiny, tmp_path):
+    a = final_params(tiny(), tmp_path / "a")
+    b = final_params(tiny(), tmp_path / "b")
+    c = final_params(tiny(seed=1), tmp_path / "c")
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, z) for x, z in zip(a, c, strict=True))
+
+
+def test_training_reduces_the_loss_and_denoises(tiny, tmp_path):
+    summary, lines = fit_quiet(tiny(**{"train.epochs": 3, "optim.learning_rate": 3e-3}), tmp_path)
+    assert summary["steps"] == 3 * (512 // 64)
+    final = summary["final"]
+    assert final["test_psnr_denoised"] > final["test_psnr_noisy"] + 3
+    assert lines[0].startswith("Data: synthetic from synthetic (512 train, 96 test images)")
+    assert any(line.startswith("Train Epoch: 1 [192/512 (38%)]\tLoss: ") for line in lines)
+    assert sum(line.startswith("====> Epoch:") for line in lines) == 3
+
+
+def test_chunks_cover_the_epoch():
+    assert list(train.chunks(10, 4)) == [(0, 4), (4, 4), (8, 2)]
+    assert list(train.chunks(8, 100)) == [(0, 8)]
+
+
+def test_epoch_order_is_a_permutation_per_epoch():
+    key = jax.random.key(0)
+    a = np.asarray(train.epoch_order(key, 1, num_examples=10, steps=3, batch_size=3))
+    b = np.asarray(train.epoch_order(key, 2, num_examples=10, steps=3, batch_size=3))
+    assert a.shape == (3, 3) and len(set(a.ravel())) == 9
+    assert not np.array_equal(a, b)
+
+
+def test_padding_weights():
+    padded, weights = train.batched_with_padding(np.ones((5, 2), np.uint8), 2)
+    assert padded.shape == (3, 2, 2) and weights.tolist() == [[1, 1], [1, 1], [1, 0]]
+
+
+def test_batch_larger_than_the_training_set(tiny, tmp_path):
+    with pytest.raises(UserError, match="train.batch_size=1024 is larger than the training set"):
+        fit_quiet(tiny(**{"train.batch_size": 1024}), tmp_path)
+
+
+def test_evaluate_matches_a_direct_computation(tiny):
+    config = tiny()
+    dataset = data.load(config.data, seed=config.seed)
+    keys = train.key_streams(0)
+    graphdef, state = train.init_state(config, keys.init)
+    setup = train.Setup.from_config(config, graphdef)
+    batches, weights = train.batched_with_padding(dataset.test_images, 40)  # 96 = 40+40+16
+    result = train.evaluate(
+        setup, state.params, jnp.asarray(batches), jnp.asarray(weights), keys.eval, jnp.float32(0)
+    )
+    # With no noise the input PSNR is infinite; the loss is the model's plain MSE.
+    assert np.isinf(float(result["test_psnr_noisy"]))
+    clean = dataset.test_images.astype(np.float32) / 255.0
+    reconstructed = np.asarray(train.nnx.merge(graphdef, state.params)(clean))
+    expected_mse = np.mean((reconstructed - clean) ** 2)
+    assert float(result["test_loss"]) == pytest.approx(expected_mse, rel=1e-5)
