@@ -11,3 +11,7 @@ class UserError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Interrupted(UserError):
+    """Training stopped on request (SIGINT/SIGTERM) after saving a checkpoint."""

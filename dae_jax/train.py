@@ -14,7 +14,9 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,9 +29,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dae_jax import corruption, data, losses, metrics, models, plots
+from dae_jax import checkpointing, corruption, data, losses, metrics, models, plots
 from dae_jax.configs import validate
-from dae_jax.errors import UserError
+from dae_jax.errors import Interrupted, UserError
 
 
 class TrainState(NamedTuple):
@@ -45,8 +47,10 @@ class KeyStreams(NamedTuple):
     eval: jax.Array
 
 
-def key_streams(seed: int) -> KeyStreams:
-    return KeyStreams(*jax.random.split(jax.random.key(seed), 4))
+def key_streams(seed_or_root: int | jax.Array) -> KeyStreams:
+    """The run's named key streams, from its seed or its root key."""
+    root = jax.random.key(seed_or_root) if isinstance(seed_or_root, int) else seed_or_root
+    return KeyStreams(*jax.random.split(root, 4))
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -60,6 +64,19 @@ def init_state(
     graphdef, params = nnx.split(model)
     opt_state = make_optimizer(config).init(params)
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+
+
+def abstract_state(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, TrainState]:
+    """The graph and the shapes of a fresh train state, without computing it."""
+    graphdefs = []
+
+    def init() -> TrainState:
+        graphdef, state = init_state(config, jax.random.key(0))
+        graphdefs.append(graphdef)
+        return state
+
+    abstract = jax.eval_shape(init)
+    return graphdefs[0], abstract
 
 
 def to_float(images_u8: jax.Array) -> jax.Array:
@@ -142,6 +159,15 @@ def epoch_order(
     return permutation[: steps * batch_size].reshape(steps, batch_size)
 
 
+EVAL_METRICS = (
+    "test_loss",
+    "test_psnr_noisy",
+    "test_psnr_denoised",
+    "test_ssim_noisy",
+    "test_ssim_denoised",
+)
+
+
 def evaluate(
     setup: Setup,
     params: nnx.State,
@@ -150,10 +176,11 @@ def evaluate(
     key: jax.Array,
     level: jax.Array,
 ) -> dict[str, jax.Array]:
-    """Test loss and PSNRs over batches ``[num_batches, B, ...]``; ``weights`` mask padding.
+    """Test loss, PSNR and SSIM over batches ``[num_batches, B, ...]``; ``weights`` mask padding.
 
     The input is corrupted with ``key`` (the same noise every epoch, so epochs compare);
-    the loss is against the clean images, as in training.
+    the loss is against the clean images, as in training. "noisy" scores the corrupted
+    input itself, "denoised" the model's reconstruction of it.
     """
     model = nnx.merge(setup.graphdef, params)
 
@@ -161,16 +188,23 @@ def evaluate(
         index, images_u8, weights = args
         clean = to_float(images_u8)
         noisy = setup.corrupt(jax.random.fold_in(key, index), clean, level)
-        loss = setup.loss_per_example(params, noisy, clean)
-        psnr_noisy = metrics.psnr(noisy, clean)
-        psnr_denoised = metrics.psnr(model(noisy), clean)
-        per_example = jnp.stack([loss, psnr_noisy, psnr_denoised])
+        logits = model.logits(noisy)
+        denoised = jax.nn.sigmoid(logits)
+        per_example = jnp.stack(
+            [
+                losses.PER_EXAMPLE[setup.loss](logits, clean),
+                metrics.psnr(noisy, clean),
+                metrics.psnr(denoised, clean),
+                metrics.ssim(noisy, clean),
+                metrics.ssim(denoised, clean),
+            ]
+        )
         return jnp.sum(jnp.where(weights > 0, per_example, 0.0), axis=1)
 
     indices = jnp.arange(images_u8_NxB.shape[0])
     sums = jnp.sum(jax.lax.map(one_batch, (indices, images_u8_NxB, weights_NxB)), axis=0)
-    sums = sums / jnp.sum(weights_NxB)
-    return {"test_loss": sums[0], "test_psnr_noisy": sums[1], "test_psnr_denoised": sums[2]}
+    means = sums / jnp.sum(weights_NxB)
+    return {name: means[i] for i, name in enumerate(EVAL_METRICS)}
 
 
 def batched_with_padding(images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -185,9 +219,17 @@ def batched_with_padding(images: np.ndarray, batch_size: int) -> tuple[np.ndarra
     )
 
 
-def chunks(steps: int, log_every: int) -> Iterator[tuple[int, int]]:
-    """(start, length) of each compiled chunk of an epoch."""
-    for start in range(0, steps, log_every):
+def device_test_batches(dataset: data.Dataset, batch_size: int) -> tuple[jax.Array, jax.Array]:
+    """The test images as padded batches with their weights, on the device once."""
+    batches, weights = batched_with_padding(
+        dataset.test_images, min(batch_size, len(dataset.test_images))
+    )
+    return jax.device_put(batches), jax.device_put(weights)
+
+
+def chunks(steps: int, log_every: int, first: int = 0) -> Iterator[tuple[int, int]]:
+    """(start, length) of each compiled chunk of an epoch, from step ``first`` on."""
+    for start in range(first, steps, log_every):
         yield start, min(log_every, steps - start)
 
 
@@ -197,13 +239,15 @@ def chunks(steps: int, log_every: int) -> Iterator[tuple[int, int]]:
 class _Log:
     """Prints the run's lines, through the progress bar when stderr is a terminal."""
 
-    def __init__(self, total_steps: int, show_bar: bool | None = None):
+    def __init__(self, total_steps: int, done: int = 0, show_bar: bool | None = None):
         show_bar = sys.stderr.isatty() if show_bar is None else show_bar
         self.bar = None
         if show_bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, unit="step", leave=False, file=sys.stderr)
+            self.bar = tqdm(
+                total=total_steps, initial=done, unit="step", leave=False, file=sys.stderr
+            )
 
     def __call__(self, line: str) -> None:
         if self.bar is not None:
@@ -234,6 +278,31 @@ class MetricsWriter:
         self.file.close()
 
 
+def rewind_metrics(path: Path, epochs_done: int) -> list[dict[str, Any]]:
+    """Cuts ``metrics.jsonl`` back to a checkpoint: drops epochs after it and any line a
+    kill cut short. Returns the epoch records kept."""
+    if not path.exists():
+        return []
+    kept: list[str] = []
+    history: list[dict[str, Any]] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        if record.get("event") == "epoch":
+            if record.get("epoch", 0) > epochs_done:
+                continue
+            history.append({k: v for k, v in record.items() if k != "event"})
+        kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
+    return history
+
+
 def versions() -> dict[str, str]:
     import flax
 
@@ -242,12 +311,19 @@ def versions() -> dict[str, str]:
     return {
         "dae_jax": __version__,
         "jax": jax.__version__,
-        "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
+        "jaxlib": getattr(jax.lib, "__version__", ""),
         "flax": flax.__version__,
         "optax": optax.__version__,
+        "orbax_checkpoint": ocp_version(),
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
+
+
+def ocp_version() -> str:
+    import orbax.checkpoint as ocp
+
+    return str(getattr(ocp, "__version__", ""))
 
 
 def cpu_name() -> str:
@@ -274,11 +350,6 @@ def device_info() -> dict[str, Any]:
 def prepare_workdir(workdir: Path) -> None:
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir={workdir} is a file; give a directory (new or existing)")
-    if (workdir / "metrics.jsonl").exists():
-        raise UserError(
-            f"--workdir={workdir} already holds a run (metrics.jsonl); choose a new --workdir "
-            "or remove that one"
-        )
     try:
         (workdir / "figures").mkdir(parents=True, exist_ok=True)
         probe = workdir / ".write_test"
@@ -296,6 +367,30 @@ def _write_json(path: Path, value: Any) -> None:
     tmp.replace(path)
 
 
+class _StopSignals:
+    """SIGINT and SIGTERM ask training to stop at the next chunk boundary; a second
+    SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 @dataclasses.dataclass(frozen=True)
 class FitResult:
     """What ``fit`` ends with: the final train state and the run's summary."""
@@ -309,6 +404,28 @@ class FitResult:
         return nnx.merge(self.graphdef, self.state.params)
 
 
+def _check_resumable(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    saved = workdir / "config.json"
+    checkpoint_dir = workdir / "checkpoints"
+    has_checkpoints = checkpoint_dir.is_dir() and any(
+        p.name.isdigit() for p in checkpoint_dir.iterdir()
+    )
+    if not has_checkpoints or not saved.exists():
+        return
+    try:
+        saved_config = json.loads(saved.read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # no trustworthy record: the checkpoints' own shapes decide
+    changes = checkpointing.science_changes(saved_config, config)
+    if changes:
+        raise UserError(
+            f"--workdir={workdir} holds a run trained with other settings "
+            f"({'; '.join(changes)}); resuming would mix two experiments: use a new "
+            "--workdir, or the run's own values (only train.epochs and logging, evaluation "
+            "and checkpoint settings may change)"
+        )
+
+
 def fit(
     config: ml_collections.ConfigDict,
     workdir: str | Path,
@@ -316,10 +433,16 @@ def fit(
     dataset: data.Dataset | None = None,
     log: Callable[[str], None] | None = None,
 ) -> FitResult:
-    """Trains the DAE that ``config`` describes, writing the run to ``workdir``."""
+    """Trains the DAE that ``config`` describes, writing the run to ``workdir``.
+
+    A workdir with checkpoints is resumed from its latest intact one. SIGINT/SIGTERM
+    save a checkpoint at the next chunk boundary and raise ``Interrupted``; a NaN/Inf
+    loss raises ``UserError`` and keeps nothing past the last good checkpoint.
+    """
     validate(config)
     workdir = Path(workdir)
     prepare_workdir(workdir)
+    _check_resumable(workdir, config)
     if dataset is None:
         dataset = data.load(config.data, seed=config.seed)
     num_train, batch_size = len(dataset.train_images), config.train.batch_size
@@ -329,122 +452,239 @@ def fit(
             "use a smaller batch"
         )
     steps_per_epoch = num_train // batch_size
-    epochs = config.train.epochs
-    progress = _Log(steps_per_epoch * epochs) if log is None else None
-    say = log or progress or print
+    say = log or print
 
     say(
         f"Data: {dataset.name} from {dataset.source} "
         f"({num_train} train, {len(dataset.test_images)} test images)"
     )
-    _write_json(workdir / "config.json", config.to_dict())
-    writer = MetricsWriter(workdir / "metrics.jsonl")
-    writer.write("start", dataset=dataset.name, data_source=dataset.source, **device_info())
-
-    keys = key_streams(config.seed)
-    graphdef, state = init_state(config, keys.init)
+    graphdef, abstract = abstract_state(config)
     setup = Setup.from_config(config, graphdef)
+    checkpoints = checkpointing.Checkpoints(
+        workdir / "checkpoints", keep=config.checkpoint.keep, warn=say
+    )
+    try:
+        return _fit(
+            config, workdir, dataset, setup, abstract, checkpoints, steps_per_epoch, say, log
+        )
+    finally:
+        checkpoints.close()  # every save in flight is finished before we return
+
+
+def _fit(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    dataset: data.Dataset,
+    setup: Setup,
+    abstract: TrainState,
+    checkpoints: checkpointing.Checkpoints,
+    steps_per_epoch: int,
+    say: Callable[[str], None],
+    log: Callable[[str], None] | None,
+) -> FitResult:
+    num_train, batch_size, epochs = (
+        len(dataset.train_images),
+        config.train.batch_size,
+        config.train.epochs,
+    )
+    metrics_path = workdir / "metrics.jsonl"
+    restored = checkpoints.restore_latest(abstract) if checkpoints.steps() else None
+    if restored is not None:
+        state, meta = restored
+        root_key = jax.random.wrap_key_data(jnp.asarray(meta["root_key_data"], jnp.uint32))
+        epochs_done, step_in_epoch = int(meta["epoch"]), int(meta["step_in_epoch"])
+        resumed_loss_sum = float(meta["epoch_loss_sum"])
+        history = rewind_metrics(metrics_path, epochs_done)
+        say(
+            f"Resuming from checkpoint {checkpoints.path(int(meta['step']))} "
+            f"(epoch {epochs_done} done, {step_in_epoch} steps into epoch {epochs_done + 1})"
+        )
+    else:
+        if metrics_path.exists():
+            backup = metrics_path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            metrics_path.replace(backup)
+            say(
+                f"No intact checkpoint in {checkpoints.directory}: starting over "
+                f"(the earlier metrics are kept in {backup.name})"
+            )
+        root_key = jax.random.key(config.seed)
+        state = init_state(config, key_streams(root_key).init)[1]
+        epochs_done, step_in_epoch, resumed_loss_sum, history = 0, 0, 0.0, []
+    keys = key_streams(root_key)
+    root_key_data = np.asarray(jax.random.key_data(root_key)).tolist()
+
+    _write_json(workdir / "config.json", config.to_dict())
+    writer = MetricsWriter(metrics_path)
+    writer.write(
+        "resume" if restored is not None else "start",
+        step=int(state.step),
+        dataset=dataset.name,
+        data_source=dataset.source,
+        **device_info(),
+    )
+
     level = jnp.float32(config.noise.level)
-
     train_images = jax.device_put(dataset.train_images)
-    test_batches_np, test_weights_np = batched_with_padding(
-        dataset.test_images, min(config.eval.batch_size, len(dataset.test_images))
-    )
-    test_batches, test_weights = jax.device_put((test_batches_np, test_weights_np))
+    test_batches, test_weights = device_test_batches(dataset, config.eval.batch_size)
 
-    # Compile ahead of time, so compile time is measured apart from training time.
-    compile_start = time.perf_counter()
-    order = epoch_order(
-        keys.shuffle, 0, num_examples=num_train, steps=steps_per_epoch, batch_size=batch_size
-    )
-    chunk_programs = {}
-    for _, length in chunks(steps_per_epoch, config.train.log_every):
-        if length not in chunk_programs:
-            program = jax.jit(functools.partial(train_chunk, setup, length), donate_argnums=(0,))
-            chunk_programs[length] = program.lower(
-                state, train_images, order, jnp.int32(0), keys.noise, level
-            ).compile()
-    evaluate_program = (
-        jax.jit(functools.partial(evaluate, setup))
-        .lower(state.params, test_batches, test_weights, keys.eval, level)
-        .compile()
-    )
-    compile_seconds = time.perf_counter() - compile_start
-    say(f"Compiled {len(chunk_programs) + 1} programs in {compile_seconds:.1f} s")
-    writer.write("compile", seconds=compile_seconds)
-
-    history: list[dict[str, Any]] = []
-    train_seconds = 0.0
-    for epoch in range(1, epochs + 1):
-        epoch_start = time.perf_counter()
-        order = epoch_order(
+    def order_for(epoch: int) -> jax.Array:
+        return epoch_order(
             keys.shuffle,
             epoch,
             num_examples=num_train,
             steps=steps_per_epoch,
             batch_size=batch_size,
         )
-        loss_sum = 0.0
-        pending: tuple[int, int, int, jax.Array] | None = None
 
-        def report(epoch: int, done: int, length: int, chunk_losses: jax.Array) -> float:
-            values = np.asarray(chunk_losses)  # the chunk's only host read
-            if not np.all(np.isfinite(values)):
-                raise UserError(
-                    f"the loss became {values[~np.isfinite(values)][0]} in epoch {epoch} "
-                    f"before step {done}; lower optim.learning_rate",
-                    exit_code=1,
-                )
-            seen = done * batch_size
-            say(
-                f"Train Epoch: {epoch} [{seen}/{num_train} ({100.0 * seen / num_train:.0f}%)]"
-                f"\tLoss: {values.mean():.6f}"
-            )
-            if progress is not None:
-                progress.advance(length)
-            return float(values.sum())
+    # Compile ahead of time (every chunk length this run will use), so compile time is
+    # measured apart from training time.
+    compile_start = time.perf_counter()
+    example_args = (state, train_images, order_for(0), jnp.int32(0), keys.noise, level)
+    programs: dict[int, Any] = {}
+    if epochs_done < epochs:
+        first_chunks = chunks(steps_per_epoch, config.train.log_every, step_in_epoch)
+        for _, length in (*first_chunks, *chunks(steps_per_epoch, config.train.log_every)):
+            if length not in programs:
+                program = jax.jit(functools.partial(train_chunk, setup, length), donate_argnums=0)
+                programs[length] = program.lower(*example_args).compile()
+    evaluate_program = (
+        jax.jit(functools.partial(evaluate, setup))
+        .lower(state.params, test_batches, test_weights, keys.eval, level)
+        .compile()
+    )
+    compile_seconds = time.perf_counter() - compile_start
+    say(f"Compiled {len(programs) + 1} programs in {compile_seconds:.1f} s")
+    writer.write("compile", seconds=compile_seconds)
 
-        for start, length in chunks(steps_per_epoch, config.train.log_every):
-            state, chunk_losses = chunk_programs[length](
-                state, train_images, order, jnp.int32(start), keys.noise, level
-            )
-            # Dispatch the next chunk before reading this one back.
-            if pending is not None:
-                loss_sum += report(*pending)
-            pending = (epoch, start + length, length, chunk_losses)
-        assert pending is not None
-        loss_sum += report(*pending)
-        epoch_seconds = time.perf_counter() - epoch_start
-        train_seconds += epoch_seconds
-
-        eval_start = time.perf_counter()
-        test = {
-            k: float(v)
-            for k, v in evaluate_program(
-                state.params, test_batches, test_weights, keys.eval, level
-            ).items()
-        }
-        record = {
-            "epoch": epoch,
-            "step": int(state.step),
-            "train_loss": loss_sum / steps_per_epoch,
-            **test,
-            "epoch_seconds": epoch_seconds,
-            "examples_per_second": steps_per_epoch * batch_size / epoch_seconds,
-            "eval_seconds": time.perf_counter() - eval_start,
-        }
-        history.append(record)
-        writer.write("epoch", **record)
-        say(
-            f"====> Epoch: {epoch} Average loss: {record['train_loss']:.4f}  "
-            f"Test loss: {record['test_loss']:.4f}  "
-            f"PSNR noisy {record['test_psnr_noisy']:.2f} dB -> "
-            f"denoised {record['test_psnr_denoised']:.2f} dB  "
-            f"({epoch_seconds:.1f} s, {record['examples_per_second']:,.0f} examples/s)"
+    def save_checkpoint(epochs_complete: int, steps_into_next: int, loss_sum: float) -> None:
+        checkpoints.save(
+            state,
+            {
+                "step": int(state.step),
+                "epoch": epochs_complete,
+                "step_in_epoch": steps_into_next,
+                "epoch_loss_sum": loss_sum,
+                "root_key_data": root_key_data,
+            },
         )
-    if progress is not None:
-        progress.close()
 
+    def after_nan() -> str:
+        steps = checkpoints.steps()
+        if not steps:
+            return "No checkpoint was saved: start again with a lower --config.optim.learning_rate"
+        return (
+            f"Nothing after the last good checkpoint ({checkpoints.path(steps[-1])}) is kept: "
+            "resume from it with a lower --config.optim.learning_rate, or use a new --workdir"
+        )
+
+    progress = None if log is not None else _Log(steps_per_epoch * epochs, int(state.step))
+    if progress is not None:
+        say = progress
+    train_seconds = 0.0
+    try:
+        with _StopSignals() as stop:
+            for epoch in range(epochs_done + 1, epochs + 1):
+                first = step_in_epoch if epoch == epochs_done + 1 else 0
+                loss_sum = resumed_loss_sum if epoch == epochs_done + 1 else 0.0
+                epoch_start = time.perf_counter()
+                order = order_for(epoch)
+                pending: list[tuple[int, int, jax.Array]] = []
+
+                def report(
+                    done: int, length: int, chunk_losses: jax.Array, epoch: int = epoch
+                ) -> float:
+                    values = np.asarray(chunk_losses)  # the chunk's only host read
+                    bad = np.flatnonzero(~np.isfinite(values))
+                    if bad.size:
+                        at = done - length + int(bad[0]) + 1
+                        raise UserError(
+                            f"the loss became {values[bad[0]]} in epoch {epoch} at step {at} of "
+                            f"{steps_per_epoch}; stopped. {after_nan()}",
+                            exit_code=1,
+                        )
+                    seen = done * batch_size
+                    say(
+                        f"Train Epoch: {epoch} [{seen}/{num_train} "
+                        f"({100.0 * seen / num_train:.0f}%)]\tLoss: {values.mean():.6f}"
+                    )
+                    if progress is not None:
+                        progress.advance(length)
+                    return float(values.sum())
+
+                done = first
+                for start, length in chunks(steps_per_epoch, config.train.log_every, first):
+                    state, chunk_losses = programs[length](
+                        state, train_images, order, jnp.int32(start), keys.noise, level
+                    )
+                    # Dispatch the next chunk before reading this one back.
+                    while pending:
+                        loss_sum += report(*pending.pop())
+                    pending.append((start + length, length, chunk_losses))
+                    done = start + length
+                    if stop.signum is not None and done < steps_per_epoch:
+                        loss_sum += report(*pending.pop())
+                        save_checkpoint(epoch - 1, done, loss_sum)
+                        raise Interrupted(
+                            f"stopped by {signal.Signals(stop.signum).name} in epoch {epoch} "
+                            f"at step {done} of {steps_per_epoch}; checkpoint saved in "
+                            f"{checkpoints.path(int(state.step))}: run the same command again "
+                            "to resume",
+                            exit_code=128 + stop.signum,
+                        )
+                while pending:
+                    loss_sum += report(*pending.pop())
+                epoch_seconds = time.perf_counter() - epoch_start
+                train_seconds += epoch_seconds
+
+                eval_start = time.perf_counter()
+                test = {
+                    k: float(v)
+                    for k, v in evaluate_program(
+                        state.params, test_batches, test_weights, keys.eval, level
+                    ).items()
+                }
+                record = {
+                    "epoch": epoch,
+                    "step": int(state.step),
+                    "train_loss": loss_sum / steps_per_epoch,
+                    **test,
+                    "epoch_seconds": epoch_seconds,
+                    "examples_per_second": (steps_per_epoch - first) * batch_size / epoch_seconds,
+                    "eval_seconds": time.perf_counter() - eval_start,
+                }
+                history.append(record)
+                writer.write("epoch", **record)
+                say(
+                    f"====> Epoch: {epoch} Average loss: {record['train_loss']:.4f}  "
+                    f"Test loss: {record['test_loss']:.4f}  "
+                    f"PSNR noisy {record['test_psnr_noisy']:.2f} dB -> "
+                    f"denoised {record['test_psnr_denoised']:.2f} dB  "
+                    f"({epoch_seconds:.1f} s, {record['examples_per_second']:,.0f} examples/s)"
+                )
+                if epoch % config.checkpoint.every_epochs == 0 or epoch == epochs:
+                    save_checkpoint(epoch, 0, 0.0)
+                if stop.signum is not None and epoch < epochs:
+                    if epoch % config.checkpoint.every_epochs:
+                        save_checkpoint(epoch, 0, 0.0)
+                    raise Interrupted(
+                        f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}; "
+                        f"checkpoint saved in {checkpoints.path(int(state.step))}: run the same "
+                        "command again to resume",
+                        exit_code=128 + stop.signum,
+                    )
+    except BaseException:
+        writer.close()
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+        say = log or print
+
+    if epochs_done >= epochs:
+        say(
+            f"{workdir} is already trained for {epochs_done} epochs; raise "
+            "--config.train.epochs to train longer"
+        )
     _write_figures(workdir, config, setup, state.params, dataset, keys.eval, history)
     summary = {
         "dataset": dataset.name,
@@ -452,23 +692,28 @@ def fit(
         "epochs": epochs,
         "steps": int(state.step),
         "num_params": sum(int(np.size(p)) for p in jax.tree.leaves(state.params)),
-        "final": history[-1],
+        "final": history[-1] if history else {},
+        "resumed_from_step": int(restored[1]["step"]) if restored is not None else None,
         "compile_seconds": compile_seconds,
         "train_seconds": train_seconds,
+        "checkpoint": str(checkpoints.path(checkpoints.steps()[-1]))
+        if checkpoints.steps()
+        else None,
         "versions": versions(),
         "device": device_info(),
     }
     _write_json(workdir / "summary.json", summary)
-    final = history[-1]
-    say(
-        f"Done. Final test PSNR {final['test_psnr_noisy']:.2f} dB (noisy input) -> "
-        f"{final['test_psnr_denoised']:.2f} dB (reconstruction). Figures: "
-        f"{workdir / 'figures' / 'denoising.png'}, {workdir / 'figures' / 'loss.png'}; "
-        f"metrics: {workdir / 'metrics.jsonl'}"
-    )
-    writer.write("end", **{k: summary[k] for k in ("epochs", "steps", "train_seconds")})
+    writer.write("end", epochs=epochs, steps=int(state.step), train_seconds=train_seconds)
     writer.close()
-    return FitResult(graphdef, state, summary)
+    if history:
+        final = history[-1]
+        say(
+            f"Done. Final test PSNR {final['test_psnr_noisy']:.2f} dB (noisy input) -> "
+            f"{final['test_psnr_denoised']:.2f} dB (reconstruction). Figures: "
+            f"{workdir / 'figures' / 'denoising.png'}, {workdir / 'figures' / 'loss.png'}; "
+            f"metrics: {metrics_path}"
+        )
+    return FitResult(setup.graphdef, state, summary)
 
 
 def _write_figures(

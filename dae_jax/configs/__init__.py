@@ -78,7 +78,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _is_number(lr) and math.isfinite(lr) and lr > 0,
         "must be a finite number > 0",
     )
-    for key in ("train.epochs", "train.batch_size", "train.log_every", "eval.batch_size"):
+    for key in (
+        "train.epochs",
+        "train.batch_size",
+        "train.log_every",
+        "eval.batch_size",
+        "checkpoint.every_epochs",
+        "checkpoint.keep",
+    ):
         check(key, _is_int(get(key)) and get(key) >= 1, "must be an integer >= 1")
     check(
         "eval.num_figure_images",

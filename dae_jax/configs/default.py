@@ -43,6 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.batch_size = 128
     config.train.log_every = 100  # steps per compiled chunk and per log line
 
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_epochs = 1  # the last epoch is always saved
+    config.checkpoint.keep = 3  # newest checkpoints kept in W/checkpoints/
+
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 1000
     config.eval.num_figure_images = 8  # columns of figures/denoising.png
