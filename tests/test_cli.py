@@ -74,7 +74,7 @@ def test_unknown_command_and_missing_workdir():
     result = run_cli("fly")
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: unknown command 'fly'; use one of: train (dae-jax --help)"
+        "error: unknown command 'fly'; use one of: train, evaluate, denoise (dae-jax --help)"
     )
     result = run_cli("train")
     assert result.returncode == 2
