@@ -31,9 +31,9 @@ fashion-mnist:
 	  echo "note: no apt-get here; tensorflow-datasets will download Fashion-MNIST"; \
 	fi
 
-# Trains the default config on Fashion-MNIST into runs/demo/ (a fresh run each time).
+# Trains the default config on Fashion-MNIST into runs/demo/. Run again, it resumes an
+# interrupted demo, or says the demo is trained and redraws its figures.
 demo: install fashion-mnist
-	rm -rf runs/demo
 	$(BIN)/dae-jax train --workdir=runs/demo --config=dae_jax/configs/default.py
 
 test: install

@@ -9,7 +9,9 @@ root key and the position, so a resumed run retraces the uninterrupted one bit f
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,24 @@ def science_changes(saved: dict, config: ml_collections.ConfigDict) -> list[str]
     return changes
 
 
+def _ignore_orbax_read_coroutines() -> None:
+    """After a damaged checkpoint fails to restore, orbax leaves sibling read coroutines
+    to the garbage collector, which prints each one's traceback (possibly much later).
+    The failure is already reported in one line, so those, and only those, are dropped."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_dae_jax", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        name = getattr(unraisable.object, "__qualname__", "")
+        if name.startswith("_read_array_index"):
+            return
+        previous(unraisable)
+
+    hook._dae_jax = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 def _on_this_host(abstract: Any) -> Any:
     """Abstract arrays placed on this process's first device: a GPU run restores on a CPU."""
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -87,6 +107,7 @@ class Checkpoints:
         warn: Callable[[str], None] = print,
     ):
         self.directory = directory.absolute()
+        self.read_only = read_only
         self.warn = warn
         if self.directory.is_dir():
             for leftover in sorted(self.directory.glob(f"*{_TMP_MARK}*")):
@@ -136,11 +157,28 @@ class Checkpoints:
                 if int(meta["step"]) != step:
                     raise ValueError(f"its meta says step {meta['step']}")
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
-                first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                self.warn(f"warning: skipping damaged checkpoint {step} ({first_line})")
+                _ignore_orbax_read_coroutines()
+                gc.collect()
+                first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                first_line = first_line.split(". See full")[0][:160]
+                moved = "" if self.read_only else f"; moved to {self._set_aside(step)}"
+                self.warn(f"warning: skipping damaged checkpoint {step} ({first_line}){moved}")
                 continue
             return state, meta
         return None
+
+    def _set_aside(self, step: int) -> Path:
+        """Moves a damaged checkpoint out of the manager's way (a new save may need its
+        step number) without deleting anything."""
+        target = self.directory.parent / "damaged_checkpoints" / str(step)
+        suffix = 1
+        while target.exists():
+            target = target.with_name(f"{step}.{suffix}")
+            suffix += 1
+        target.parent.mkdir(exist_ok=True)
+        self.path(step).rename(target)
+        self.manager.reload()
+        return target
 
     def path(self, step: int) -> Path:
         return self.directory / str(step)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import ArrayLike
 
 IMAGE_SHAPE = (28, 28, 1)
 
@@ -36,28 +37,29 @@ class MlpDae(nnx.Module):
             [nnx.Linear(a, b, rngs=rngs) for a, b in zip(mirrored[:-1], mirrored[1:], strict=True)]
         )
 
-    def encode(self, x: jax.Array) -> jax.Array:
+    def encode(self, x: ArrayLike) -> jax.Array:
+        x = jnp.asarray(x, jnp.float32)
         h_BxD = x.reshape(x.shape[0], -1)
         for layer in self.encoder:
             h_BxD = nnx.relu(layer(h_BxD))
         return h_BxD
 
-    def decode_logits(self, codes_BxZ: jax.Array) -> jax.Array:
+    def decode_logits(self, codes_BxZ: ArrayLike) -> jax.Array:
         """Logits of the reconstruction, flat ``[B, 784]``."""
-        h_BxD = codes_BxZ
+        h_BxD = jnp.asarray(codes_BxZ, jnp.float32)
         for layer in self.decoder[:-1]:
             h_BxD = nnx.relu(layer(h_BxD))
         return self.decoder[-1](h_BxD)
 
-    def decode(self, codes_BxZ: jax.Array) -> jax.Array:
+    def decode(self, codes_BxZ: ArrayLike) -> jax.Array:
         pixels_BxP = jax.nn.sigmoid(self.decode_logits(codes_BxZ))
-        return pixels_BxP.reshape(codes_BxZ.shape[0], *self.image_shape)
+        return pixels_BxP.reshape(pixels_BxP.shape[0], *self.image_shape)
 
-    def logits(self, x: jax.Array) -> jax.Array:
+    def logits(self, x: ArrayLike) -> jax.Array:
         """Reconstruction logits in the layout of ``x``: what the losses take."""
-        return self.decode_logits(self.encode(x)).reshape(x.shape)
+        return self.decode_logits(self.encode(x)).reshape(jnp.shape(x))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: ArrayLike) -> jax.Array:
         return jax.nn.sigmoid(self.logits(x))
 
 

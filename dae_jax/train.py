@@ -278,9 +278,9 @@ class MetricsWriter:
         self.file.close()
 
 
-def rewind_metrics(path: Path, epochs_done: int) -> list[dict[str, Any]]:
-    """Cuts ``metrics.jsonl`` back to a checkpoint: drops epochs after it and any line a
-    kill cut short. Returns the epoch records kept."""
+def rewind_metrics(path: Path, step: int) -> list[dict[str, Any]]:
+    """Cuts ``metrics.jsonl`` back to a checkpoint at global ``step``: drops what came after
+    it and any line a kill cut short. Returns the epoch records kept."""
     if not path.exists():
         return []
     kept: list[str] = []
@@ -290,11 +290,9 @@ def rewind_metrics(path: Path, epochs_done: int) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if not isinstance(record, dict):
+        if not isinstance(record, dict) or record.get("step", 0) > step:
             continue
         if record.get("event") == "epoch":
-            if record.get("epoch", 0) > epochs_done:
-                continue
             history.append({k: v for k, v in record.items() if k != "event"})
         kept.append(line)
     tmp = path.with_suffix(".jsonl.tmp")
@@ -494,11 +492,13 @@ def _fit(
         root_key = jax.random.wrap_key_data(jnp.asarray(meta["root_key_data"], jnp.uint32))
         epochs_done, step_in_epoch = int(meta["epoch"]), int(meta["step_in_epoch"])
         resumed_loss_sum = float(meta["epoch_loss_sum"])
-        history = rewind_metrics(metrics_path, epochs_done)
-        say(
-            f"Resuming from checkpoint {checkpoints.path(int(meta['step']))} "
-            f"(epoch {epochs_done} done, {step_in_epoch} steps into epoch {epochs_done + 1})"
+        history = rewind_metrics(metrics_path, int(meta["step"]))
+        where = (
+            f"after epoch {epochs_done}"
+            if step_in_epoch == 0
+            else f"epoch {epochs_done + 1}, step {step_in_epoch} of {steps_per_epoch}"
         )
+        say(f"Resuming from checkpoint {checkpoints.path(int(meta['step']))} ({where})")
     else:
         if metrics_path.exists():
             backup = metrics_path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
@@ -703,7 +703,7 @@ def _fit(
         "device": device_info(),
     }
     _write_json(workdir / "summary.json", summary)
-    writer.write("end", epochs=epochs, steps=int(state.step), train_seconds=train_seconds)
+    writer.write("end", epochs=epochs, step=int(state.step), train_seconds=train_seconds)
     writer.close()
     if history:
         final = history[-1]
