@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 sources := dae_jax experiments tests
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: all install demo test lint format fashion-mnist clean
+.PHONY: all install demo test lint format bench fashion-mnist clean
 
 all: lint test
 
@@ -35,6 +35,10 @@ fashion-mnist:
 # interrupted demo, or says the demo is trained and redraws its figures.
 demo: install fashion-mnist
 	$(BIN)/dae-jax train --workdir=runs/demo --config=dae_jax/configs/default.py
+
+# Training speed against the device's matmul peak; table on stdout, runs/benchmark/results.json.
+bench: install
+	$(BIN)/python experiments/benchmark.py --workdir=runs/benchmark
 
 test: install
 	$(BIN)/python -m pytest -q

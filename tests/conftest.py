@@ -17,6 +17,7 @@ DAE_JAX = [sys.executable, "-m", "dae_jax"]
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
     """A config that trains in about a second: synthetic data, a small MLP."""
     config = default.get_config()
+    config.compile_cache = ""  # tests never write to the user's cache
     config.data.name = "synthetic"
     config.data.train_size = 512
     config.data.test_size = 96
@@ -36,6 +37,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 
 
 TINY_FLAGS = [
+    "--config.compile_cache=",
     "--config.data.name=synthetic",
     "--config.data.train_size=512",
     "--config.data.test_size=96",

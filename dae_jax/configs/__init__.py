@@ -45,6 +45,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         return node
 
     check("seed", _is_int(get("seed")), "must be an integer")
+    check("compile_cache", isinstance(get("compile_cache"), str), 'must be a directory or ""')
     check("data.name", get("data.name") in DATASETS, f"must be one of {', '.join(DATASETS)}")
     for key in ("data.train_size", "data.test_size"):
         check(key, _is_int(get(key)) and get(key) >= 0, "must be an integer >= 0 (0 = all)")

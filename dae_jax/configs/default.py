@@ -17,6 +17,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # JAX's persistent compilation cache: a second run of the same config skips
+    # compiling. "" turns it off.
+    config.compile_cache = "~/.cache/dae_jax/jax_compile_cache"
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "fashion_mnist"  # mnist | fashion_mnist | kmnist | synthetic

@@ -1,0 +1,99 @@
+"""The compilation cache, the benchmark harness and data-parallel training, run for real."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO, TINY_FLAGS, run_cli
+
+
+def _cache_entries(directory):
+    return sorted(p.name for p in directory.rglob("*") if p.is_file())
+
+
+def test_second_run_reuses_every_compiled_program(tmp_path):
+    cache = tmp_path / "cache"
+    flags = [*TINY_FLAGS, "--config.train.epochs=1", f"--config.compile_cache={cache}"]
+    first = run_cli("train", f"--workdir={tmp_path / 'a'}", *flags)
+    assert first.returncode == 0, first.stderr
+    entries = _cache_entries(cache)
+    assert entries, "the first run wrote nothing to the compilation cache"
+    second = run_cli("train", f"--workdir={tmp_path / 'b'}", *flags)
+    assert second.returncode == 0, second.stderr
+    # Every program of the second run came from the cache: nothing new was written.
+    assert _cache_entries(cache) == entries
+    assert "First training step " in second.stdout
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["time_to_first_step_seconds"] > 0
+
+
+def test_compile_cache_is_on_by_default_in_the_user_cache_and_can_be_turned_off(tmp_path):
+    home = tmp_path / "home"
+    env = {**os.environ, "HOME": str(home)}
+    default_flags = [f for f in TINY_FLAGS if not f.startswith("--config.compile_cache")]
+    for name, extra in (("off", ["--config.compile_cache="]), ("on", [])):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dae_jax",
+                "train",
+                f"--workdir={tmp_path / name}",
+                *default_flags,
+                "--config.train.epochs=1",
+                *extra,
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        cache = home / ".cache" / "dae_jax" / "jax_compile_cache"
+        if name == "off":
+            assert not cache.exists()
+        else:
+            assert _cache_entries(cache)
+
+
+def test_benchmark_harness_writes_its_table(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "experiments/benchmark.py",
+            f"--workdir={tmp_path}",
+            "--widths=32,16",
+            "--batch_sizes=16,32",
+            "--models=1,2",
+            "--steps=3",
+            "--repeats=2",
+            "--num_images=128",
+            "--matmul_size=128",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["device"]["platform"] == "cpu"
+    assert {"jax", "jaxlib"} <= set(results["device"]["versions"])
+    assert results["matmul_peak"]["flops_per_second"] > 0
+    rows = results["rows"]
+    assert [(r["batch_size"], r["models"]) for r in rows] == [(16, 1), (32, 1), (16, 2), (32, 2)]
+    for row in rows:
+        assert row["seconds_per_step_min"] <= row["seconds_per_step_median"]
+        assert row["seconds_per_step_median"] <= row["seconds_per_step_max"]
+        assert row["examples_per_second"] > 0 and 0 < row["fraction_of_peak"]
+    # XLA's FLOPs for one step: at least the matmuls (forward, and backward for weights
+    # and all but the first layer's input), 2 FLOPs a multiply-add.
+    widths = [784, 32, 16, 32, 784]
+    macs = sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True))
+    minimum = 16 * 2 * (3 * macs - 784 * 32)
+    assert rows[0]["flops_per_step"] >= minimum
+    assert rows[2]["flops_per_step"] >= 2 * minimum
+    assert "| batch | models | compile s |" in result.stdout
