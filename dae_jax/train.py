@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 import dae_jax
-from dae_jax import checkpointing, corruption, data, losses, metrics, models, plots
+from dae_jax import checkpointing, corruption, data, losses, metrics, models, parallel, plots
 from dae_jax.configs import validate
 from dae_jax.errors import Interrupted, UserError
 
@@ -490,6 +490,7 @@ def fit(
             "use a smaller batch"
         )
     steps_per_epoch = num_train // batch_size
+    placement = parallel.Placement.for_training(config.train.data_parallel, batch_size)
     say = log or print
 
     say(
@@ -503,7 +504,16 @@ def fit(
     )
     try:
         return _fit(
-            config, workdir, dataset, setup, abstract, checkpoints, steps_per_epoch, say, log
+            config,
+            workdir,
+            dataset,
+            setup,
+            abstract,
+            checkpoints,
+            placement,
+            steps_per_epoch,
+            say,
+            log,
         )
     finally:
         checkpoints.close()  # every save in flight is finished before we return
@@ -516,6 +526,7 @@ def _fit(
     setup: Setup,
     abstract: TrainState,
     checkpoints: checkpointing.Checkpoints,
+    placement: parallel.Placement,
     steps_per_epoch: int,
     say: Callable[[str], None],
     log: Callable[[str], None] | None,
@@ -563,17 +574,26 @@ def _fit(
         **device_info(),
     )
 
-    level = jnp.float32(config.noise.level)
-    train_images = jax.device_put(dataset.train_images)
-    test_batches, test_weights = device_test_batches(dataset, config.eval.batch_size)
+    say(f"Training on {placement.describe()}")
+    state = placement.replicated(state)
+    level = placement.replicated(jnp.float32(config.noise.level))
+    train_images = placement.replicated(dataset.train_images)
+    test_batches, test_weights = placement.replicated(
+        batched_with_padding(
+            dataset.test_images, min(config.eval.batch_size, len(dataset.test_images))
+        )
+    )
+    keys = placement.replicated(keys)
 
     def order_for(epoch: int) -> jax.Array:
-        return epoch_order(
-            keys.shuffle,
-            epoch,
-            num_examples=num_train,
-            steps=steps_per_epoch,
-            batch_size=batch_size,
+        return placement.split_batches(
+            epoch_order(
+                keys.shuffle,
+                epoch,
+                num_examples=num_train,
+                steps=steps_per_epoch,
+                batch_size=batch_size,
+            )
         )
 
     # Compile ahead of time (every chunk length this run will use), so compile time is

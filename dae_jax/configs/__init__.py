@@ -89,6 +89,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ):
         check(key, _is_int(get(key)) and get(key) >= 1, "must be an integer >= 1")
     check(
+        "train.data_parallel", isinstance(get("train.data_parallel"), bool), "must be True or False"
+    )
+    check(
         "eval.num_figure_images",
         _is_int(get("eval.num_figure_images")) and get("eval.num_figure_images") >= 1,
         "must be an integer >= 1",

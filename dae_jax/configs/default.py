@@ -45,6 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.epochs = 10
     config.train.batch_size = 128
     config.train.log_every = 100  # steps per compiled chunk and per log line
+    # Split each batch over a mesh of all devices; on whenever several are visible.
+    config.train.data_parallel = False
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_epochs = 1  # the last epoch is always saved
