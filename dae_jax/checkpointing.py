@@ -133,7 +133,9 @@ class Checkpoints:
     def save(self, state: Any, meta: dict[str, Any]) -> None:
         """Starts an asynchronous save; the arrays are copied to the host first, so the
         caller may donate its buffers to the next step at once."""
-        host_state = jax.tree.map(np.array, state)
+        # One process: a host copy (donation-safe). Several: the global arrays, whose
+        # shards each process writes (orbax copies them to the host before returning).
+        host_state = jax.tree.map(np.array, state) if jax.process_count() == 1 else state
         self.manager.save(
             int(meta["step"]),
             args=ocp.args.Composite(

@@ -155,11 +155,12 @@ def main(argv: Sequence[str]) -> int:
     # Imports jax: only once the command line is known to be good.
     from absl import logging
 
-    from dae_jax import inference, train
+    from dae_jax import inference, parallel, train
 
     logging.set_verbosity(logging.ERROR)  # orbax/tfds chatter is not for the user
 
     try:
+        parallel.initialize_distributed()
         if command == "train":
             train.fit(config, FLAGS.workdir)
         elif command == "evaluate":

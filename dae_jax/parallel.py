@@ -1,13 +1,17 @@
 """Where training arrays live: one device, or a 1-D ``data`` mesh over every device.
 
 The train step is the same jitted function either way; only the placement of its
-inputs differs. With a mesh, parameters, optimizer state and images are replicated
+inputs differs. Several processes (hosts) join one mesh: each holds the whole dataset
+and the same state, computes the same epoch order, and feeds its own devices their
+share of every global batch. With a mesh, parameters, optimizer state and images are replicated
 and each step's example indices are split over the ``data`` axis, so XLA partitions
 the batch and all-reduces the gradients (no pmap, no second code path).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -16,6 +20,59 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dae_jax.errors import UserError
+
+
+def initialize_distributed(environ: Mapping[str, str] = os.environ) -> bool:
+    """Joins a multi-process run when a launcher asked for one; call before any JAX op.
+
+    ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID`` name one explicitly; under SLURM with several tasks JAX reads the
+    job's own variables. CPU processes talk through gloo collectives.
+    """
+    explicit = "JAX_COORDINATOR_ADDRESS" in environ
+    slurm = "SLURM_JOB_ID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1
+    if not (explicit or slurm):
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in environ]
+        if missing:
+            raise UserError(
+                f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not: set all three for a "
+                "multi-process run, or none"
+            )
+        jax.distributed.initialize(
+            coordinator_address=environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(environ["JAX_NUM_PROCESSES"]),
+            process_id=int(environ["JAX_PROCESS_ID"]),
+        )
+    else:
+        jax.distributed.initialize()
+    return True
+
+
+def is_primary() -> bool:
+    """Process 0 writes the workdir's files and prints the log."""
+    return jax.process_index() == 0
+
+
+def host(x: jax.Array) -> np.ndarray:
+    """A replicated array's value on this host (one local copy when it spans processes)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    return np.asarray(x.addressable_data(0))
+
+
+def _global(value: Any, sharding: NamedSharding) -> Any:
+    """Places a host value that every process holds in full as one global array; each
+    process transfers only what its own devices hold."""
+    if jax.process_count() == 1:
+        return jax.device_put(value, sharding)
+    if jax.dtypes.issubdtype(getattr(value, "dtype", None), jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_global(jax.random.key_data(value), sharding))
+    array = host(value) if isinstance(value, jax.Array) else np.asarray(value)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
 class Placement:
@@ -51,10 +108,11 @@ class Placement:
         """Every device holds all of it (parameters, optimizer state, images, keys)."""
         if self.mesh is None:
             return jax.device_put(tree)
-        return jax.device_put(tree, NamedSharding(self.mesh, P()))
+        sharding = NamedSharding(self.mesh, P())
+        return jax.tree.map(lambda leaf: _global(leaf, sharding), tree)
 
     def split_batches(self, order_SxB: jax.Array) -> jax.Array:
         """Each step's example indices split over the devices along the batch axis."""
         if self.mesh is None:
             return order_SxB
-        return jax.device_put(order_SxB, NamedSharding(self.mesh, P(None, "data")))
+        return _global(order_SxB, NamedSharding(self.mesh, P(None, "data")))

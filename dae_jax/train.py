@@ -287,14 +287,17 @@ class MetricsWriter:
     """Appends one JSON object per line to ``metrics.jsonl``, flushed as it goes."""
 
     def __init__(self, path: Path):
-        self.file = path.open("a", encoding="utf-8")
+        # In a multi-process run only process 0 writes.
+        self.file = path.open("a", encoding="utf-8") if parallel.is_primary() else None
 
     def write(self, event: str, **values: Any) -> None:
-        self.file.write(json.dumps({"event": event, **values}) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps({"event": event, **values}) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def rewind_metrics(path: Path, step: int) -> list[dict[str, Any]]:
@@ -314,9 +317,10 @@ def rewind_metrics(path: Path, step: int) -> list[dict[str, Any]]:
         if record.get("event") == "epoch":
             history.append({k: v for k, v in record.items() if k != "event"})
         kept.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    tmp.replace(path)
+    if parallel.is_primary():
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
     return history
 
 
@@ -378,7 +382,16 @@ def prepare_workdir(workdir: Path) -> None:
         ) from None
 
 
+def _logger(log: Callable[[str], None] | None) -> Callable[[str], None]:
+    """Where the run's lines go: ``log`` or stdout, from process 0 only."""
+    if not parallel.is_primary():
+        return lambda line: None
+    return log or print
+
+
 def _write_json(path: Path, value: Any) -> None:
+    if not parallel.is_primary():
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(value, indent=2) + "\n")
     tmp.replace(path)
@@ -491,7 +504,7 @@ def fit(
         )
     steps_per_epoch = num_train // batch_size
     placement = parallel.Placement.for_training(config.train.data_parallel, batch_size)
-    say = log or print
+    say = _logger(log)
 
     say(
         f"Data: {dataset.name} from {dataset.source} "
@@ -551,7 +564,7 @@ def _fit(
         )
         say(f"Resuming from checkpoint {checkpoints.path(int(meta['step']))} ({where})")
     else:
-        if metrics_path.exists():
+        if metrics_path.exists() and parallel.is_primary():
             backup = metrics_path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
             metrics_path.replace(backup)
             say(
@@ -562,13 +575,17 @@ def _fit(
         state = init_state(config, key_streams(root_key).init)[1]
         epochs_done, step_in_epoch, resumed_loss_sum, history = 0, 0, 0.0, []
     keys = key_streams(root_key)
+
+    def global_step() -> int:
+        return int(parallel.host(state.step))
+
     root_key_data = np.asarray(jax.random.key_data(root_key)).tolist()
 
     _write_json(workdir / "config.json", config.to_dict())
     writer = MetricsWriter(metrics_path)
     writer.write(
         "resume" if restored is not None else "start",
-        step=int(state.step),
+        step=global_step(),
         dataset=dataset.name,
         data_source=dataset.source,
         **device_info(),
@@ -620,7 +637,7 @@ def _fit(
         checkpoints.save(
             state,
             {
-                "step": int(state.step),
+                "step": global_step(),
                 "epoch": epochs_complete,
                 "step_in_epoch": steps_into_next,
                 "epoch_loss_sum": loss_sum,
@@ -637,7 +654,11 @@ def _fit(
             "resume from it with a lower --config.optim.learning_rate, or use a new --workdir"
         )
 
-    progress = None if log is not None else _Log(steps_per_epoch * epochs, int(state.step))
+    progress = (
+        None
+        if log is not None or not parallel.is_primary()
+        else _Log(steps_per_epoch * epochs, global_step())
+    )
     if progress is not None:
         say = progress
     train_seconds = 0.0
@@ -654,7 +675,7 @@ def _fit(
                 def report(
                     done: int, length: int, chunk_losses: jax.Array, epoch: int = epoch
                 ) -> float:
-                    values = np.asarray(chunk_losses)  # the chunk's only host read
+                    values = parallel.host(chunk_losses)  # the chunk's only host read
                     bad = np.flatnonzero(~np.isfinite(values))
                     if bad.size:
                         at = done - length + int(bad[0]) + 1
@@ -691,7 +712,7 @@ def _fit(
                         raise Interrupted(
                             f"stopped by {signal.Signals(stop.signum).name} in epoch {epoch} "
                             f"at step {done} of {steps_per_epoch}; checkpoint saved in "
-                            f"{checkpoints.path(int(state.step))}: run the same command again "
+                            f"{checkpoints.path(global_step())}: run the same command again "
                             "to resume",
                             exit_code=128 + stop.signum,
                         )
@@ -702,14 +723,14 @@ def _fit(
 
                 eval_start = time.perf_counter()
                 test = {
-                    k: float(v)
+                    k: float(parallel.host(v))
                     for k, v in evaluate_program(
                         state.params, test_batches, test_weights, keys.eval, level
                     ).items()
                 }
                 record = {
                     "epoch": epoch,
-                    "step": int(state.step),
+                    "step": global_step(),
                     "train_loss": loss_sum / steps_per_epoch,
                     **test,
                     "epoch_seconds": epoch_seconds,
@@ -732,7 +753,7 @@ def _fit(
                         save_checkpoint(epoch, 0, 0.0)
                     raise Interrupted(
                         f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}; "
-                        f"checkpoint saved in {checkpoints.path(int(state.step))}: run the same "
+                        f"checkpoint saved in {checkpoints.path(global_step())}: run the same "
                         "command again to resume",
                         exit_code=128 + stop.signum,
                     )
@@ -742,19 +763,22 @@ def _fit(
     finally:
         if progress is not None:
             progress.close()
-        say = log or print
+        say = _logger(log)
 
     if epochs_done >= epochs:
         say(
             f"{workdir} is already trained for {epochs_done} epochs; raise "
             "--config.train.epochs to train longer"
         )
-    _write_figures(workdir, config, setup, state.params, dataset, keys.eval, history)
+    if parallel.is_primary():
+        params = jax.tree.map(parallel.host, state.params)
+        eval_key = key_streams(root_key).eval  # on this host
+        _write_figures(workdir, config, setup, params, dataset, eval_key, history)
     summary = {
         "dataset": dataset.name,
         "data_source": dataset.source,
         "epochs": epochs,
-        "steps": int(state.step),
+        "steps": global_step(),
         "num_params": sum(int(np.size(p)) for p in jax.tree.leaves(state.params)),
         "final": history[-1] if history else {},
         "resumed_from_step": int(restored[1]["step"]) if restored is not None else None,
@@ -768,7 +792,7 @@ def _fit(
         "device": device_info(),
     }
     _write_json(workdir / "summary.json", summary)
-    writer.write("end", epochs=epochs, step=int(state.step), train_seconds=train_seconds)
+    writer.write("end", epochs=epochs, step=global_step(), train_seconds=train_seconds)
     writer.close()
     if history:
         final = history[-1]

@@ -147,3 +147,65 @@ def test_batch_must_split_over_the_devices(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: train.batch_size=60 does not split evenly over 8 devices; use a multiple of 8"
     ]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_as_one_run(tmp_path):
+    import jax
+    import numpy as np
+
+    worker = [sys.executable, "-m", "tests.multihost_worker"]
+    alone = subprocess.run(
+        [*worker, str(tmp_path / "alone"), str(tmp_path / "alone_{}.npz")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert alone.returncode == 0, alone.stderr
+
+    port = _free_port()
+    processes = [
+        subprocess.Popen(
+            [*worker, str(tmp_path / "together"), str(tmp_path / "together_{}.npz")],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **os.environ,
+                "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": str(rank),
+            },
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr
+    assert "data-parallel over 2 devices (cpu, 2 process(es))" in outputs[0][0]
+    assert "Train Epoch" in outputs[0][0]
+    assert "Train Epoch" not in outputs[1][0]  # only process 0 speaks and writes
+
+    alone_params = np.load(tmp_path / "alone_0.npz")
+    rank0, rank1 = np.load(tmp_path / "together_0.npz"), np.load(tmp_path / "together_1.npz")
+    for name in alone_params.files:
+        np.testing.assert_array_equal(rank0[name], rank1[name])
+        np.testing.assert_allclose(rank0[name], alone_params[name], rtol=1e-4, atol=1e-6)
+    # The checkpoint both processes wrote restores to the same parameters.
+    import dae_jax
+
+    restored = jax.tree.leaves(dae_jax.restore(tmp_path / "together").model)
+    for name, leaf in zip(rank0.files, restored, strict=True):
+        np.testing.assert_array_equal(rank0[name], leaf)
+    events = (tmp_path / "together" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(e)["event"] for e in events] == ["start", "compile", "epoch", "end"]
