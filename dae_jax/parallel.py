@@ -27,11 +27,13 @@ def initialize_distributed(environ: Mapping[str, str] = os.environ) -> bool:
 
     ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and
     ``JAX_PROCESS_ID`` name one explicitly; under SLURM with several tasks JAX reads the
-    job's own variables. CPU processes talk through gloo collectives.
+    job's own variables; ``DAE_JAX_DISTRIBUTED=1`` lets JAX detect any other cluster it
+    knows (TPU pod slices, Open MPI, GKE). CPU processes talk through gloo collectives.
     """
     explicit = "JAX_COORDINATOR_ADDRESS" in environ
     slurm = "SLURM_JOB_ID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1
-    if not (explicit or slurm):
+    asked = environ.get("DAE_JAX_DISTRIBUTED", "") == "1"
+    if not (explicit or slurm or asked):
         return False
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:

@@ -209,3 +209,18 @@ def test_two_processes_train_as_one_run(tmp_path):
         np.testing.assert_array_equal(rank0[name], leaf)
     events = (tmp_path / "together" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(e)["event"] for e in events] == ["start", "compile", "epoch", "end"]
+
+
+def test_incomplete_launcher_environment_is_one_clear_error():
+    import pytest
+
+    from dae_jax import parallel
+    from dae_jax.errors import UserError
+
+    assert parallel.initialize_distributed({}) is False  # a plain run joins nothing
+    with pytest.raises(UserError) as error:
+        parallel.initialize_distributed({"JAX_COORDINATOR_ADDRESS": "localhost:1"})
+    assert str(error.value) == (
+        "JAX_COORDINATOR_ADDRESS is set but JAX_NUM_PROCESSES and JAX_PROCESS_ID are not: "
+        "set all three for a multi-process run, or none"
+    )
