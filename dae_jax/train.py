@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -833,4 +833,120 @@ def _write_figures(
         [h["epoch"] for h in history],
         [h["train_loss"] for h in history],
         [h["test_loss"] for h in history],
+    )
+
+
+# ------------------------------------------------------------------- many models
+
+
+@dataclasses.dataclass(frozen=True)
+class ManyResult:
+    """K models trained together: states stacked on a leading axis, in input order."""
+
+    graphdef: nnx.GraphDef
+    states: TrainState
+    seeds: tuple[int, ...]
+    levels: tuple[float, ...]
+    history: list[dict[str, Any]]  # per epoch: train_loss per model, timing
+
+    def model(self, k: int) -> models.MlpDae:
+        return nnx.merge(self.graphdef, jax.tree.map(lambda x: x[k], self.states.params))
+
+
+def fit_many(
+    config: ml_collections.ConfigDict,
+    *,
+    seeds: Sequence[int],
+    levels: Sequence[float],
+    dataset: data.Dataset | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ManyResult:
+    """Trains one model per (seed, level) pair in one compiled program (``jax.vmap``).
+
+    Model k is the run ``fit`` makes with ``config.seed = seeds[k]`` and
+    ``config.noise.level = levels[k]``: same initialisation, data order and noise.
+    The level is a traced value, so any mix of levels shares one program.
+    """
+    if len(seeds) != len(levels) or not seeds:
+        raise UserError(f"fit_many needs one seed per level; got {len(seeds)} and {len(levels)}")
+    for seed_k, level_k in zip(seeds, levels, strict=True):
+        with config.unlocked():
+            single = ml_collections.ConfigDict(config.to_dict())
+            single.seed, single.noise.level = int(seed_k), float(level_k)
+        validate(single)
+    say = _logger(log)
+    if dataset is None:
+        dataset = data.load(config.data, seed=config.seed)
+    num_train, batch_size = len(dataset.train_images), config.train.batch_size
+    if batch_size > num_train:
+        raise UserError(
+            f"train.batch_size={batch_size} is larger than the training set ({num_train} images); "
+            "use a smaller batch"
+        )
+    steps_per_epoch = num_train // batch_size
+    streams = [key_streams(int(s)) for s in seeds]
+    init_keys, shuffle_keys, noise_keys = (
+        jnp.stack([getattr(k, name) for k in streams]) for name in ("init", "shuffle", "noise")
+    )
+    graphdef, _ = abstract_state(config)
+    setup = Setup.from_config(config, graphdef)
+    states = jax.vmap(lambda key: init_state(config, key)[1])(init_keys)
+    levels_K = jnp.asarray(levels, jnp.float32)
+    images = jax.device_put(dataset.train_images)
+    orders_for = jax.vmap(
+        functools.partial(
+            epoch_order, num_examples=num_train, steps=steps_per_epoch, batch_size=batch_size
+        ),
+        in_axes=(0, None),
+    )
+    programs: dict[int, Any] = {}
+    history: list[dict[str, Any]] = []
+    say(f"Training {len(seeds)} models at once on {dataset.name} ({num_train} images)")
+    for epoch in range(1, config.train.epochs + 1):
+        begin = time.perf_counter()
+        orders = orders_for(shuffle_keys, epoch)
+        loss_sums = np.zeros(len(seeds))
+        for start, length in chunks(steps_per_epoch, config.train.log_every):
+            if length not in programs:
+                programs[length] = jax.jit(
+                    functools.partial(train_chunk_many, setup, length), donate_argnums=0
+                )
+            states, losses_KxL = programs[length](
+                states, images, orders, jnp.int32(start), noise_keys, levels_K
+            )
+            values = np.asarray(losses_KxL)
+            bad = [k for k in range(len(seeds)) if not np.all(np.isfinite(values[k]))]
+            if bad:
+                k = bad[0]
+                raise UserError(
+                    f"the loss of the model with seed {seeds[k]} and level {levels[k]} became "
+                    f"non-finite in epoch {epoch}; lower optim.learning_rate",
+                    exit_code=1,
+                )
+            loss_sums += values.sum(axis=1)
+            seen = (start + length) * batch_size
+            say(
+                f"Train Epoch: {epoch} [{seen}/{num_train} ({100.0 * seen / num_train:.0f}%)]"
+                f"\tLoss: {values.mean():.6f} (mean of {len(seeds)} models)"
+            )
+        seconds = time.perf_counter() - begin
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": (loss_sums / steps_per_epoch).tolist(),
+                "epoch_seconds": seconds,
+                "examples_per_second": len(seeds) * steps_per_epoch * batch_size / seconds,
+            }
+        )
+        mean_loss = float(np.mean(history[-1]["train_loss"]))
+        say(
+            f"====> Epoch: {epoch} Average loss over models: {mean_loss:.4f}  "
+            f"({seconds:.1f} s, {history[-1]['examples_per_second']:,.0f} examples/s)"
+        )
+    return ManyResult(
+        graphdef,
+        states,
+        tuple(int(s) for s in seeds),
+        tuple(float(v) for v in levels),
+        history,
     )
