@@ -62,3 +62,135 @@ def loss_figure(
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
+
+
+def _mean_std_by(rows, **want) -> tuple[list[float], list[float], list[float]]:
+    """(levels, means, stds) of the rows matching ``want``, grouped by train level."""
+    groups: dict[float, list[float]] = {}
+    for r in rows:
+        if all(r.get(k) == v for k, v in want.items()):
+            groups.setdefault(r["train_level"], []).append(r["value"])
+    levels = sorted(groups)
+    return (
+        levels,
+        [float(np.mean(groups[x])) for x in levels],
+        [float(np.std(groups[x])) for x in levels],
+    )
+
+
+def sweep_figures(directory: Path, rows, arms, lines, examples, clean: np.ndarray) -> None:
+    """The figures of an ablation sweep (see ``dae_jax.sweep``)."""
+    kinds = sorted({arm.kind for arm in arms})
+
+    # Quality vs level, against the noisy input and the classical references.
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(11, 4 * len(kinds)), dpi=DPI, squeeze=False)
+    for row, kind in enumerate(kinds):
+        for col, metric in enumerate(("psnr", "ssim")):
+            ax = axes[row, col]
+            for arm in (a for a in arms if a.kind == kind):
+                x, mean, std = [], [], []
+                for level in arm.levels:
+                    values = [
+                        r["value"]
+                        for r in rows
+                        if r["model"] == arm.name
+                        and r["metric"] == metric
+                        and r["train_level"] == level
+                        and r["test_level"] == level
+                        and r["test_kind"] == kind
+                    ]
+                    x.append(level)
+                    mean.append(float(np.mean(values)))
+                    std.append(float(np.std(values)))
+                ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=f"DAE {arm.name}")
+            for reference, style in (
+                ("noisy input", "k:"),
+                ("clip", "--"),
+                ("gaussian_blur", "--"),
+                ("median_filter", "--"),
+            ):
+                points = sorted(
+                    (r["test_level"], r["value"])
+                    for r in rows
+                    if r["model"] == reference and r["metric"] == metric and r["test_kind"] == kind
+                )
+                if points:
+                    ax.plot(*zip(*points, strict=True), style, label=reference)
+            ax.set_xlabel(f"{kind} level (train = test)")
+            ax.set_ylabel(metric.upper())
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(directory / "quality_vs_level.png", dpi=DPI)
+    plt.close(fig)
+
+    # Train level x test level PSNR, one panel per arm.
+    fig, axes = plt.subplots(1, len(arms), figsize=(5 * len(arms), 4.2), dpi=DPI, squeeze=False)
+    for ax, arm in zip(axes[0], arms, strict=True):
+        levels = list(arm.levels)
+        matrix = np.full((len(levels), len(levels)), np.nan)
+        for i, train_level in enumerate(levels):
+            for j, test_level in enumerate(levels):
+                values = [
+                    r["value"]
+                    for r in rows
+                    if r["model"] == arm.name
+                    and r["metric"] == "psnr"
+                    and r["train_level"] == train_level
+                    and r["test_level"] == test_level
+                ]
+                matrix[i, j] = np.mean(values) if values else np.nan
+        image = ax.imshow(matrix, cmap="viridis")
+        ax.set_xticks(range(len(levels)), [f"{v:g}" for v in levels])
+        ax.set_yticks(range(len(levels)), [f"{v:g}" for v in levels])
+        ax.set_xlabel("test level")
+        ax.set_ylabel("train level")
+        ax.set_title(f"PSNR (dB), {arm.name}", fontsize=9)
+        for i in range(len(levels)):
+            for j in range(len(levels)):
+                ax.text(
+                    j, i, f"{matrix[i, j]:.1f}", ha="center", va="center", fontsize=7, color="w"
+                )
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(directory / "train_vs_test_level.png", dpi=DPI)
+    plt.close(fig)
+
+    # Reconstructions: clean on top, then noisy and reconstructed rows per model.
+    names = list(examples)
+    count = len(clean)
+    fig, axes = plt.subplots(
+        1 + 2 * len(names),
+        count,
+        figsize=(1.3 * count + 1.5, 1.3 * (1 + 2 * len(names))),
+        dpi=DPI,
+        squeeze=False,
+    )
+    panels = [("clean", clean)]
+    for name in names:
+        noisy, denoised = examples[name]
+        panels += [(f"{name}\nnoisy", np.asarray(noisy)), (f"{name}\nDAE", np.asarray(denoised))]
+    for r, (label, images) in enumerate(panels):
+        for c in range(count):
+            axes[r, c].imshow(np.clip(images[c].squeeze(), 0, 1), cmap="gray", vmin=0, vmax=1)
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+        axes[r, 0].set_ylabel(label, fontsize=6, rotation=0, ha="right", va="center")
+    fig.subplots_adjust(left=0.2, right=0.99, top=0.99, bottom=0.01, hspace=0.05, wspace=0.05)
+    fig.savefig(directory / "reconstructions.png", dpi=DPI)
+    plt.close(fig)
+
+    # Linear-probe accuracy vs level, against raw pixels.
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=DPI)
+    for arm in arms:
+        x, mean, std = _mean_std_by(rows, model=arm.name, metric="probe_accuracy")
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=f"DAE codes, {arm.name}")
+    pixels = next(r["value"] for r in rows if r["model"] == "raw pixels")
+    ax.axhline(pixels, color="k", linestyle=":", label="raw pixels")
+    ax.set_xlabel("train noise level (0 = plain autoencoder)")
+    ax.set_ylabel("linear probe test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(directory / "probe_vs_level.png", dpi=DPI)
+    plt.close(fig)

@@ -1,0 +1,17 @@
+"""MSE vs binary cross-entropy across the Gaussian noise sweep.
+
+    python experiments/loss_comparison.py --workdir=runs/loss_comparison [--quick]
+
+Both losses at sigma in {0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0} x 3 seeds; scored on the
+same PSNR/SSIM/probe evaluation, whatever loss trained the model.
+"""
+
+from dae_jax import sweep
+
+LEVELS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+
+if __name__ == "__main__":
+    sweep.cli(
+        "loss_comparison",
+        lambda config: [sweep.Arm("gaussian", loss, LEVELS) for loss in ("mse", "bce")],
+    )
