@@ -68,6 +68,7 @@ def run(
     workdir: str | Path,
     *,
     log: Callable[[str], None] = print,
+    command: str = "",
 ) -> list[dict[str, Any]]:
     """Trains, evaluates and writes one experiment; returns its rows."""
     workdir = Path(workdir)
@@ -195,7 +196,9 @@ def run(
             )
         log(f"{arm.name}: trained and evaluated {len(pairs)} models")
 
-    _write(workdir, experiment, config, arms, seeds, rows, examples, clean_test[:6], started)
+    _write(
+        workdir, experiment, config, arms, seeds, rows, examples, clean_test[:6], started, command
+    )
     return rows
 
 
@@ -307,6 +310,7 @@ def _write(
     examples: dict[str, Any],
     clean: jax.Array,
     started: float,
+    command: str,
 ) -> None:
     fields = [
         "experiment",
@@ -338,7 +342,9 @@ def _write(
         "versions": train.versions(),
     }
     header = (
-        f"# {experiment}\n\n{config.data.name}, {config.train.epochs} epochs, seeds "
+        f"# {experiment}\n\n"
+        + (f"Command: `{command}`\n\n" if command else "")
+        + f"{config.data.name}, {config.train.epochs} epochs, seeds "
         f"{list(seeds)}, mean ± std over seeds; {info['date']}, "
         f"{info['device']['cpu']} ({info['device']['platform']}), jax {info['versions']['jax']}, "
         f"{info['seconds'] / 60:.1f} min. Classical references are tuned per level on the "
@@ -389,7 +395,8 @@ def cli(experiment: str, make_arms: Callable[[ml_collections.ConfigDict], list[A
         try:
             validate(config)
             train.enable_compile_cache(config.compile_cache)
-            run(experiment, config, arms, seeds, flags.FLAGS.workdir)
+            command = " ".join(["python", f"experiments/{experiment}.py", *sys.argv[1:]])
+            run(experiment, config, arms, seeds, flags.FLAGS.workdir, command=command)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
