@@ -454,6 +454,16 @@ def enable_compile_cache(directory: str, warn: Callable[[str], None] = print) ->
     return path
 
 
+def _steps_per_epoch(num_train: int, batch_size: int) -> int:
+    """Full batches per epoch (the remainder is dropped; the order changes every epoch)."""
+    if batch_size > num_train:
+        raise UserError(
+            f"train.batch_size={batch_size} is larger than the training set ({num_train} images); "
+            "use a smaller batch"
+        )
+    return num_train // batch_size
+
+
 def _check_resumable(workdir: Path, config: ml_collections.ConfigDict) -> None:
     saved = workdir / "config.json"
     checkpoint_dir = workdir / "checkpoints"
@@ -497,12 +507,7 @@ def fit(
     if dataset is None:
         dataset = data.load(config.data, seed=config.seed)
     num_train, batch_size = len(dataset.train_images), config.train.batch_size
-    if batch_size > num_train:
-        raise UserError(
-            f"train.batch_size={batch_size} is larger than the training set ({num_train} images); "
-            "use a smaller batch"
-        )
-    steps_per_epoch = num_train // batch_size
+    steps_per_epoch = _steps_per_epoch(num_train, batch_size)
     placement = parallel.Placement.for_training(config.train.data_parallel, batch_size)
     say = _logger(log)
 
@@ -878,12 +883,7 @@ def fit_many(
     if dataset is None:
         dataset = data.load(config.data, seed=config.seed)
     num_train, batch_size = len(dataset.train_images), config.train.batch_size
-    if batch_size > num_train:
-        raise UserError(
-            f"train.batch_size={batch_size} is larger than the training set ({num_train} images); "
-            "use a smaller batch"
-        )
-    steps_per_epoch = num_train // batch_size
+    steps_per_epoch = _steps_per_epoch(num_train, batch_size)
     streams = [key_streams(int(s)) for s in seeds]
     init_keys, shuffle_keys, noise_keys = (
         jnp.stack([getattr(k, name) for k in streams]) for name in ("init", "shuffle", "noise")
