@@ -44,7 +44,7 @@ def evaluate_workdir(
     dataset = data.load(config.data, seed=config.seed)
     graphdef, params = train.nnx.split(run.model)
     setup = train.Setup.from_config(config, graphdef)
-    batches, weights = train.device_test_batches(dataset, config.eval.batch_size)
+    batches, weights = jax.device_put(train.padded_test_batches(dataset, config.eval.batch_size))
     eval_key = train.key_streams(config.seed).eval
     values = jax.jit(train.evaluate, static_argnums=0)(
         setup, params, batches, weights, eval_key, jnp.float32(config.noise.level)

@@ -238,12 +238,17 @@ def batched_with_padding(images: np.ndarray, batch_size: int) -> tuple[np.ndarra
     )
 
 
-def device_test_batches(dataset: data.Dataset, batch_size: int) -> tuple[jax.Array, jax.Array]:
-    """The test images as padded batches with their weights, on the device once."""
-    batches, weights = batched_with_padding(
-        dataset.test_images, min(batch_size, len(dataset.test_images))
+def padded_test_batches(dataset: data.Dataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The test images as padded batches with their weights (host arrays; place them once)."""
+    return batched_with_padding(dataset.test_images, min(batch_size, len(dataset.test_images)))
+
+
+def _train_line(epoch: int, seen: int, num_train: int, loss: float, suffix: str = "") -> str:
+    """The tutorial's progress line."""
+    return (
+        f"Train Epoch: {epoch} [{seen}/{num_train} ({100.0 * seen / num_train:.0f}%)]"
+        f"\tLoss: {loss:.6f}{suffix}"
     )
-    return jax.device_put(batches), jax.device_put(weights)
 
 
 def chunks(steps: int, log_every: int, first: int = 0) -> Iterator[tuple[int, int]]:
@@ -600,10 +605,8 @@ def _fit(
     state = placement.replicated(state)
     level = placement.replicated(jnp.float32(config.noise.level))
     train_images = placement.replicated(dataset.train_images)
-    test_batches, test_weights = placement.replicated(
-        batched_with_padding(
-            dataset.test_images, min(config.eval.batch_size, len(dataset.test_images))
-        )
+    eval_batches, eval_weights = placement.replicated(
+        padded_test_batches(dataset, config.eval.batch_size)
     )
     keys = placement.replicated(keys)
 
@@ -631,7 +634,7 @@ def _fit(
                 programs[length] = program.lower(*example_args).compile()
     evaluate_program = (
         jax.jit(functools.partial(evaluate, setup))
-        .lower(state.params, test_batches, test_weights, keys.eval, level)
+        .lower(state.params, eval_batches, eval_weights, keys.eval, level)
         .compile()
     )
     compile_seconds = time.perf_counter() - compile_start
@@ -648,6 +651,13 @@ def _fit(
                 "epoch_loss_sum": loss_sum,
                 "root_key_data": root_key_data,
             },
+        )
+
+    def stopped(signum: int, where: str) -> Interrupted:
+        return Interrupted(
+            f"stopped by {signal.Signals(signum).name} {where}; checkpoint saved in "
+            f"{checkpoints.path(global_step())}: run the same command again to resume",
+            exit_code=128 + signum,
         )
 
     def after_nan() -> str:
@@ -689,16 +699,11 @@ def _fit(
                             f"{steps_per_epoch}; stopped. {after_nan()}",
                             exit_code=1,
                         )
-                    seen = done * batch_size
-                    say(
-                        f"Train Epoch: {epoch} [{seen}/{num_train} "
-                        f"({100.0 * seen / num_train:.0f}%)]\tLoss: {values.mean():.6f}"
-                    )
+                    say(_train_line(epoch, done * batch_size, num_train, values.mean()))
                     if progress is not None:
                         progress.advance(length)
                     return float(values.sum())
 
-                done = first
                 for start, length in chunks(steps_per_epoch, config.train.log_every, first):
                     if first_step_seconds is None:
                         first_step_seconds = time.perf_counter() - dae_jax.PROCESS_START
@@ -714,12 +719,8 @@ def _fit(
                     if stop.signum is not None and done < steps_per_epoch:
                         loss_sum += report(*pending.pop())
                         save_checkpoint(epoch - 1, done, loss_sum)
-                        raise Interrupted(
-                            f"stopped by {signal.Signals(stop.signum).name} in epoch {epoch} "
-                            f"at step {done} of {steps_per_epoch}; checkpoint saved in "
-                            f"{checkpoints.path(global_step())}: run the same command again "
-                            "to resume",
-                            exit_code=128 + stop.signum,
+                        raise stopped(
+                            stop.signum, f"in epoch {epoch} at step {done} of {steps_per_epoch}"
                         )
                 while pending:
                     loss_sum += report(*pending.pop())
@@ -730,7 +731,7 @@ def _fit(
                 test = {
                     k: float(parallel.host(v))
                     for k, v in evaluate_program(
-                        state.params, test_batches, test_weights, keys.eval, level
+                        state.params, eval_batches, eval_weights, keys.eval, level
                     ).items()
                 }
                 record = {
@@ -756,12 +757,7 @@ def _fit(
                 if stop.signum is not None and epoch < epochs:
                     if epoch % config.checkpoint.every_epochs:
                         save_checkpoint(epoch, 0, 0.0)
-                    raise Interrupted(
-                        f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}; "
-                        f"checkpoint saved in {checkpoints.path(global_step())}: run the same "
-                        "command again to resume",
-                        exit_code=128 + stop.signum,
-                    )
+                    raise stopped(stop.signum, f"after epoch {epoch}")
     except BaseException:
         writer.close()
         raise
@@ -932,8 +928,9 @@ def fit_many(
             loss_sums += values.sum(axis=1)
             seen = (start + length) * batch_size
             say(
-                f"Train Epoch: {epoch} [{seen}/{num_train} ({100.0 * seen / num_train:.0f}%)]"
-                f"\tLoss: {values.mean():.6f} (mean of {len(seeds)} models)"
+                _train_line(
+                    epoch, seen, num_train, values.mean(), f" (mean of {len(seeds)} models)"
+                )
             )
         seconds = time.perf_counter() - begin
         history.append(
