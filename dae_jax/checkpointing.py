@@ -54,11 +54,18 @@ def _lookup(tree: dict, key: str) -> Any:
 
 
 def science_changes(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
-    """``key: old -> new`` for each science key that differs from the saved config."""
+    """``key: old -> new`` for each science key that differs from the saved config.
+
+    A key the saved config lacks (it predates the key) counts as its default value."""
+    from dae_jax.configs import default
+
     new = _plain(config)
+    defaults = _plain(default.get_config())
     changes = []
     for key in SCIENCE_KEYS:
         before, after = _lookup(saved, key), _lookup(new, key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            before = {**_lookup(defaults, key), **before}
         if before != after:
             if isinstance(before, dict) and isinstance(after, dict):
                 for sub in sorted(set(before) | set(after)):
@@ -209,7 +216,7 @@ def load_config(workdir: Path) -> ml_collections.ConfigDict:
 class Run:
     """A trained model with the config it was trained with and where it stopped."""
 
-    model: models.MlpDae
+    model: models.Dae
     config: ml_collections.ConfigDict
     epoch: int  # epochs completed
     step: int  # global steps completed

@@ -84,6 +84,14 @@ def to_float(images_u8: jax.Array) -> jax.Array:
     return images_u8.astype(jnp.float32) / 255.0
 
 
+def _scan_unroll(config: ml_collections.ConfigDict) -> int:
+    unroll = int(config.train.get("scan_unroll", 0))
+    if unroll:
+        return unroll
+    conv_on_cpu = config.model.get("kind", "mlp") == "conv" and jax.default_backend() == "cpu"
+    return 1_000_000 if conv_on_cpu else 1  # lax.scan unrolls at most the whole chunk
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """The static half of training: what the compiled programs close over."""
@@ -93,6 +101,7 @@ class Setup:
     loss: str
     noise_kind: str
     clip: bool
+    unroll: int = 1  # lax.scan unroll: speed only (fewer loop iterations per chunk)
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef) -> Setup:
@@ -102,6 +111,7 @@ class Setup:
             loss=config.loss,
             noise_kind=config.noise.kind,
             clip=bool(config.noise.clip),
+            unroll=_scan_unroll(config),
         )
 
     def corrupt(self, key: jax.Array, clean: jax.Array, level: jax.Array) -> jax.Array:
@@ -148,7 +158,7 @@ def train_chunk(
         clean = to_float(images_u8[indices_B])
         return train_step(setup, state, clean, jax.random.fold_in(noise_key, state.step), level)
 
-    return jax.lax.scan(body, state, indices_LxB)
+    return jax.lax.scan(body, state, indices_LxB, unroll=min(setup.unroll, length))
 
 
 def train_chunk_many(
@@ -435,7 +445,7 @@ class FitResult:
     summary: dict[str, Any]
 
     @property
-    def model(self) -> models.MlpDae:
+    def model(self) -> models.Dae:
         return nnx.merge(self.graphdef, self.state.params)
 
 
@@ -850,7 +860,7 @@ class ManyResult:
     levels: tuple[float, ...]
     history: list[dict[str, Any]]  # per epoch: train_loss per model, timing
 
-    def model(self, k: int) -> models.MlpDae:
+    def model(self, k: int) -> models.Dae:
         return nnx.merge(self.graphdef, jax.tree.map(lambda x: x[k], self.states.params))
 
 
@@ -860,6 +870,7 @@ def fit_many(
     seeds: Sequence[int],
     levels: Sequence[float],
     dataset: data.Dataset | None = None,
+    train_indices: Sequence[np.ndarray] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> ManyResult:
     """Trains one model per (seed, level) pair in one compiled program (``jax.vmap``).
@@ -867,6 +878,8 @@ def fit_many(
     Model k is the run ``fit`` makes with ``config.seed = seeds[k]`` and
     ``config.noise.level = levels[k]``: same initialisation, data order and noise.
     The level is a traced value, so any mix of levels shares one program.
+    ``train_indices[k]``, if given, are the training images model k sees (the same
+    count for every model), e.g. all classes but one for anomaly detection.
     """
     if len(seeds) != len(levels) or not seeds:
         raise UserError(f"fit_many needs one seed per level; got {len(seeds)} and {len(levels)}")
@@ -879,6 +892,12 @@ def fit_many(
     if dataset is None:
         dataset = data.load(config.data, seed=config.seed)
     num_train, batch_size = len(dataset.train_images), config.train.batch_size
+    index_KxN = None
+    if train_indices is not None:
+        if len(train_indices) != len(seeds) or len({len(i) for i in train_indices}) != 1:
+            raise UserError("fit_many needs one index set per model, all of the same size")
+        index_KxN = jnp.asarray(np.stack(train_indices), jnp.int32)
+        num_train = index_KxN.shape[1]
     steps_per_epoch = _steps_per_epoch(num_train, batch_size)
     streams = [key_streams(int(s)) for s in seeds]
     init_keys, shuffle_keys, noise_keys = (
@@ -889,12 +908,19 @@ def fit_many(
     states = jax.vmap(lambda key: init_state(config, key)[1])(init_keys)
     levels_K = jnp.asarray(levels, jnp.float32)
     images = jax.device_put(dataset.train_images)
-    orders_for = jax.vmap(
+    positions_for = jax.vmap(
         functools.partial(
             epoch_order, num_examples=num_train, steps=steps_per_epoch, batch_size=batch_size
         ),
         in_axes=(0, None),
     )
+
+    def orders_for(keys: jax.Array, epoch: int) -> jax.Array:
+        positions = positions_for(keys, epoch)
+        if index_KxN is None:
+            return positions
+        return jax.vmap(lambda index, order: index[order])(index_KxN, positions)
+
     # Compile every chunk length before timing anything.
     compile_start = time.perf_counter()
     programs: dict[int, Any] = {}

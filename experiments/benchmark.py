@@ -36,6 +36,7 @@ flags.DEFINE_list("widths", ["512", "256", "128"], "Encoder widths (the decoder 
 flags.DEFINE_list("batch_sizes", ["32", "128", "512", "2048"], "Batch sizes to time.")
 flags.DEFINE_list("models", ["1", "8"], "Numbers of models trained at once (vmap).")
 flags.DEFINE_integer("steps", 50, "Train steps per timed call (one scanned chunk).")
+flags.DEFINE_integer("unroll", 1, "lax.scan unroll of the chunk (config train.scan_unroll).")
 flags.DEFINE_integer("repeats", 7, "Timed calls per setting, after one warm-up call.")
 flags.DEFINE_integer("num_images", 60000, "Device-resident training images (random uint8).")
 flags.DEFINE_integer("matmul_size", 0, "Peak matmul size n (n x n); 0 = 2048 on CPU, 8192 else.")
@@ -83,8 +84,10 @@ def bench_setting(
     steps: int,
     repeats: int,
     num_images: int,
+    unroll: int = 1,
 ) -> dict[str, Any]:
     config = seed.get_config()
+    config.train.scan_unroll = unroll
     config.model.hidden = tuple(widths)
     config.train.batch_size = batch_size
     graphdef, _ = train.abstract_state(config)
@@ -177,7 +180,13 @@ def main(argv: Sequence[str]) -> None:
     for num_models in (int(k) for k in FLAGS.models):
         for batch_size in (int(b) for b in FLAGS.batch_sizes):
             row = bench_setting(
-                widths, batch_size, num_models, FLAGS.steps, FLAGS.repeats, FLAGS.num_images
+                widths,
+                batch_size,
+                num_models,
+                FLAGS.steps,
+                FLAGS.repeats,
+                FLAGS.num_images,
+                FLAGS.unroll,
             )
             row["fraction_of_peak"] = row["flops_per_second"] / peak["flops_per_second"]
             rows.append(row)
@@ -189,7 +198,10 @@ def main(argv: Sequence[str]) -> None:
             )
     table = markdown(rows, peak["flops_per_second"])
     print()
-    print(f"Widths {widths} (mirrored), Adam, MSE, Gaussian noise; {FLAGS.steps} steps per call.")
+    print(
+        f"Widths {widths} (mirrored), Adam, MSE, Gaussian noise; {FLAGS.steps} steps per call, "
+        f"scan unroll {FLAGS.unroll}."
+    )
     print(table)
     workdir = Path(FLAGS.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -200,6 +212,7 @@ def main(argv: Sequence[str]) -> None:
             "widths": widths,
             "steps": FLAGS.steps,
             "repeats": FLAGS.repeats,
+            "unroll": FLAGS.unroll,
             "num_images": FLAGS.num_images,
         },
         "rows": rows,

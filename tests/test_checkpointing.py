@@ -226,3 +226,16 @@ def test_nan_before_any_checkpoint(tmp_path):
         "No checkpoint was saved: start again with a lower --config.optim.learning_rate"
     )
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_run_saved_before_a_model_key_existed_still_resumes():
+    from dae_jax import checkpointing
+    from dae_jax.configs import default
+
+    config = default.get_config()
+    saved = json.loads(json.dumps(config.to_dict()))
+    for key in ("kind", "tied_weights", "channels", "skip", "convs_per_level"):
+        del saved["model"][key]  # as written by dae_jax before model kinds existed
+    assert checkpointing.science_changes(saved, config) == []
+    config.model.kind = "conv"
+    assert checkpointing.science_changes(saved, config) == ["model.kind: mlp -> conv"]

@@ -15,6 +15,27 @@ KEYS = "the keys are listed in dae_jax/configs/default.py"
 # (arguments after `dae-jax train --workdir=W`, expected stderr line, exit code)
 BAD_CONFIGS = [
     (
+        ["--config.model.kind=transformer"],
+        "error: config model.kind='transformer' is invalid: must be one of mlp, conv",
+        2,
+    ),
+    (
+        ["--config.model.kind=conv", "--config.model.channels=(8,8,8,8)"],
+        "error: config model.channels=(8, 8, 8, 8) is invalid: must be 1 to 3 positive "
+        "integers (each level after the first halves the 28x28 image), e.g. (32, 64, 64)",
+        2,
+    ),
+    (
+        ["--config.model.convs_per_level=0"],
+        "error: config model.convs_per_level=0 is invalid: must be an integer >= 1",
+        2,
+    ),
+    (
+        ["--config.train.scan_unroll=-1"],
+        "error: config train.scan_unroll=-1 is invalid: must be an integer >= 0 (0 = auto)",
+        2,
+    ),
+    (
         ["--config.data.name=cifar10"],
         "error: config data.name='cifar10' is invalid: must be one of mnist, fashion_mnist, "
         "kmnist, synthetic",

@@ -110,3 +110,33 @@ def test_denoise_command_line_exit_code(trained, tmp_path):
         f"error: 1 of 2 images could not be read (see above); the others are in {tmp_path / 'o'}"
     )
     assert (tmp_path / "o" / "a.png").exists()
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"tied_weights": True},
+        {"kind": "conv", "channels": (4, 8)},
+        {"kind": "conv", "channels": (4, 8, 8), "skip": True, "convs_per_level": 2},
+    ],
+    ids=["mlp-tied", "conv", "conv-skip"],
+)
+def test_every_model_kind_trains_checkpoints_and_restores(tmp_path, model):
+    config = tiny_config(**{f"model.{k}": v for k, v in model.items()})
+    config.train.epochs = 1
+    result = train.fit(config, tmp_path / "run", log=lambda line: None)
+    run = dae_jax.restore(tmp_path / "run")
+    assert type(run.model) is type(result.model)
+    assert run.config.model.to_dict() == {
+        k: list(v) if isinstance(v, tuple) else v for k, v in config.model.to_dict().items()
+    }
+    for restored, trained_leaf in zip(
+        jax.tree.leaves(run.model), jax.tree.leaves(result.model), strict=True
+    ):
+        np.testing.assert_array_equal(restored, trained_leaf)
+    x = data.load(run.config.data).test_images[:3] / 255.0
+    assert run.model(x).shape == (3, 28, 28, 1)
+    record = inference.evaluate_workdir(tmp_path / "run", say=lambda line: None)
+    assert record["test_psnr_denoised"] == pytest.approx(
+        result.summary["final"]["test_psnr_denoised"], rel=1e-6
+    )

@@ -51,3 +51,82 @@ def test_seed_config_is_the_tutorial():
     assert (config.noise.kind, config.noise.level, config.noise.clip) == ("gaussian", 1.0, False)
     assert (config.loss, config.optim.learning_rate) == ("mse", 1e-2)
     assert (config.train.batch_size, config.train.epochs, config.train.log_every) == (128, 10, 100)
+
+
+def _config(**model):
+    config = default.get_config()
+    for key, value in model.items():
+        config.model[key] = value
+    return config
+
+
+@pytest.mark.parametrize(
+    "model_config, code_size",
+    [
+        ({"kind": "mlp", "tied_weights": True}, 128),
+        ({"kind": "conv"}, 7 * 7 * 64),
+        ({"kind": "conv", "skip": True}, 7 * 7 * 64),
+        ({"kind": "conv", "channels": (8, 16)}, 14 * 14 * 16),
+        ({"kind": "conv", "channels": (4,)}, 28 * 28 * 4),
+    ],
+)
+def test_every_kind_keeps_the_model_contract(model_config, code_size):
+    model = models.create(_config(**model_config), key=jax.random.key(0))
+    for shape in ((3, 28, 28, 1), (3, 784)):
+        x = jax.random.uniform(jax.random.key(1), shape)
+        codes = model.encode(x)
+        assert codes.shape == (3, code_size)
+        y = model(x)
+        assert y.shape == shape
+        assert bool(jnp.all((y >= 0) & (y <= 1)))
+        np.testing.assert_allclose(jax.nn.sigmoid(model.logits(x)), y, rtol=1e-6)
+        if not model_config.get("skip"):
+            np.testing.assert_allclose(model.decode(codes).reshape(shape), y, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_with_skips_refuses_to_decode_codes_alone():
+    model = models.create(_config(kind="conv", skip=True), key=jax.random.key(0))
+    codes = model.encode(jnp.zeros((1, 28, 28, 1)))
+    with pytest.raises(ValueError, match="call the model on the input"):
+        model.decode(codes)
+
+
+def test_skip_connections_change_the_output_but_not_the_parameters():
+    plain = models.create(_config(kind="conv"), key=jax.random.key(0))
+    skip = models.create(_config(kind="conv", skip=True), key=jax.random.key(0))
+    assert models.num_params(plain) == models.num_params(skip)
+    x = jax.random.uniform(jax.random.key(1), (2, 28, 28, 1))
+    assert not np.allclose(plain(x), skip(x))
+
+
+def test_tied_weights_share_one_kernel_and_it_gets_both_gradients():
+    tied = models.create(_config(tied_weights=True, hidden=(32, 8)), key=jax.random.key(0))
+    untied = models.create(_config(hidden=(32, 8)), key=jax.random.key(0))
+    # Half the kernels: only the encoder's exist; the decoder has biases only.
+    kernels = [p for path, p in nnx.to_flat_state(nnx.state(tied, nnx.Param)) if "kernel" in path]
+    assert [k.shape for k in kernels] == [(784, 32), (32, 8)]
+    assert models.num_params(tied) == 784 * 32 + 32 + 32 * 8 + 8 + 32 + 784
+    # The same function as an untied model whose decoder kernels are the transposes.
+    for enc, dec in zip(untied.encoder, reversed(untied.decoder), strict=True):
+        dec.kernel[...] = enc.kernel[...].T
+        dec.bias[...] = jnp.zeros_like(dec.bias[...])
+    for a, b in zip(tied.encoder, untied.encoder, strict=True):
+        a.kernel[...], a.bias[...] = b.kernel[...], b.bias[...]
+    x = jax.random.uniform(jax.random.key(1), (4, 784))
+    np.testing.assert_allclose(tied(x), untied(x), rtol=1e-5, atol=1e-6)
+
+    # The shared kernel's gradient is the sum of its two uses' gradients.
+    def loss(model):
+        return jnp.mean((model(x) - x) ** 2)
+
+    g_tied = nnx.grad(loss)(tied)
+    g_untied = nnx.grad(loss)(untied)
+    for i, j in ((0, 1), (1, 0)):
+        expected = g_untied.encoder[i].kernel[...] + g_untied.decoder[j].kernel[...].T
+        np.testing.assert_allclose(g_tied.encoder[i].kernel[...], expected, rtol=1e-4, atol=1e-7)
+        assert float(jnp.abs(g_untied.decoder[j].kernel[...]).sum()) > 0
+
+
+def test_conv_levels_must_divide_the_image():
+    with pytest.raises(ValueError, match="give fewer channels"):
+        models.ConvDae((8, 8, 8, 8), rngs=nnx.Rngs(0))

@@ -9,6 +9,7 @@ from dae_jax.corruption import CORRUPTIONS
 from dae_jax.data import NAMES as DATASETS
 from dae_jax.errors import UserError
 from dae_jax.losses import PER_EXAMPLE
+from dae_jax.models import KINDS as MODEL_KINDS
 
 NOISE_KINDS = tuple(CORRUPTIONS)
 LOSSES = tuple(PER_EXAMPLE)
@@ -49,6 +50,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check("data.name", get("data.name") in DATASETS, f"must be one of {', '.join(DATASETS)}")
     for key in ("data.train_size", "data.test_size"):
         check(key, _is_int(get(key)) and get(key) >= 0, "must be an integer >= 0 (0 = all)")
+    check(
+        "model.kind", get("model.kind") in MODEL_KINDS, f"must be one of {', '.join(MODEL_KINDS)}"
+    )
     hidden = get("model.hidden")
     check(
         "model.hidden",
@@ -57,6 +61,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
         and all(_is_int(w) and w > 0 for w in hidden),
         "must be a non-empty list of positive integers, e.g. (512, 256, 128)",
     )
+    channels = get("model.channels")
+    check(
+        "model.channels",
+        isinstance(channels, tuple | list)
+        and 1 <= len(channels) <= 3
+        and all(_is_int(c) and c > 0 for c in channels),
+        "must be 1 to 3 positive integers (each level after the first halves the 28x28 "
+        "image), e.g. (32, 64, 64)",
+    )
+    check(
+        "model.convs_per_level",
+        _is_int(get("model.convs_per_level")) and get("model.convs_per_level") >= 1,
+        "must be an integer >= 1",
+    )
+    for key in ("model.tied_weights", "model.skip"):
+        check(key, isinstance(get(key), bool), "must be True or False")
     kind = get("noise.kind")
     check("noise.kind", kind in NOISE_KINDS, f"must be one of {', '.join(NOISE_KINDS)}")
     level = get("noise.level")
@@ -88,6 +108,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "checkpoint.keep",
     ):
         check(key, _is_int(get(key)) and get(key) >= 1, "must be an integer >= 1")
+    check(
+        "train.scan_unroll",
+        _is_int(get("train.scan_unroll")) and get("train.scan_unroll") >= 0,
+        "must be an integer >= 0 (0 = auto)",
+    )
     check(
         "train.data_parallel", isinstance(get("train.data_parallel"), bool), "must be True or False"
     )
