@@ -194,3 +194,60 @@ def sweep_figures(directory: Path, rows, arms, lines, examples, clean: np.ndarra
     fig.tight_layout()
     fig.savefig(directory / "probe_vs_level.png", dpi=DPI)
     plt.close(fig)
+
+
+def accuracy_vs_labels(path: Path, rows, variants: Sequence[str]) -> None:
+    """Test accuracy (mean and std over seeds) against the fraction of labels used."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=DPI)
+    for variant in variants:
+        fractions = sorted({r["label_fraction"] for r in rows if r["variant"] == variant})
+        means, stds = [], []
+        for f in fractions:
+            values = [
+                r["value"]
+                for r in rows
+                if r["variant"] == variant
+                and r["label_fraction"] == f
+                and r["metric"] == "test_accuracy"
+            ]
+            means.append(float(np.mean(values)))
+            stds.append(float(np.std(values)))
+        ax.errorbar(fractions, means, yerr=stds, marker="o", capsize=3, label=variant)
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of training labels used in fine-tuning")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def curves_figure(path: Path, curves: dict, *, xlabel: str, ylabel: str) -> None:
+    """One line per named sequence (e.g. validation accuracy per epoch)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=DPI)
+    for name, values in curves.items():
+        ax.plot(np.arange(1, len(values) + 1), values, label=name, linewidth=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def roc_figure(path: Path, curves: dict) -> None:
+    """ROC curves, one per held-out class: name -> (false-positive, true-positive rates)."""
+    fig, ax = plt.subplots(figsize=(6, 6), dpi=DPI)
+    for name, (fpr, tpr) in curves.items():
+        ax.plot(fpr, tpr, linewidth=1.2, label=name)
+    ax.plot([0, 1], [0, 1], "k:", linewidth=1, label="chance")
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title("held-out class vs the rest, by reconstruction error")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dae_jax import data, metrics, plots, train
+from dae_jax import data, metrics, plots, report, train
 
 METRICS = ("psnr", "ssim", "mse")
 
@@ -344,9 +344,10 @@ def _write(
     header = (
         f"# {experiment}\n\n"
         + (f"Command: `{command}`\n\n" if command else "")
-        + f"{config.data.name}, {config.train.epochs} epochs, seeds "
-        f"{list(seeds)}, mean ± std over seeds; {info['date']}, "
-        f"{info['device']['cpu']} ({info['device']['platform']}), jax {info['versions']['jax']}, "
+        + f"{config.data.name}, model {report.model_name(config)}, {config.train.epochs} "
+        f"epochs, seeds {list(seeds)}, mean ± std over seeds; {info['date']}, "
+        f"{report.where(info['device'])} ({info['device']['platform']}), "
+        f"jax {info['versions']['jax']}, "
         f"{info['seconds'] / 60:.1f} min. Classical references are tuned per level on the "
         "test images themselves (an optimistic baseline). Bold: best in the column."
     )

@@ -18,16 +18,19 @@ ARMS = {
 }
 
 
-@pytest.mark.parametrize("script", sorted(ARMS))
-def test_quick_run_writes_every_promised_file(tmp_path, script):
+CONV = ("--config.model.kind=conv", "--config.model.channels=(4,8)", "--config.model.skip=True")
+
+
+def _run_quick(script: str, workdir, *flags: str) -> None:
     result = subprocess.run(
         [
             sys.executable,
             f"experiments/{script}.py",
-            f"--workdir={tmp_path}",
+            f"--workdir={workdir}",
             "--quick",
             "--config.data.name=synthetic",
             "--config.compile_cache=",
+            *flags,
         ],
         cwd=REPO,
         capture_output=True,
@@ -36,6 +39,15 @@ def test_quick_run_writes_every_promised_file(tmp_path, script):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "flags"),
+    [(script, ()) for script in sorted(ARMS)] + [("noise_sweep", CONV)],
+    ids=[*sorted(ARMS), "noise_sweep-conv"],
+)
+def test_quick_run_writes_every_promised_file(tmp_path, script, flags):
+    _run_quick(script, tmp_path, *flags)
     with (tmp_path / "results.csv").open() as file:
         rows = list(csv.DictReader(file))
     models = {r["model"] for r in rows}
@@ -66,3 +78,68 @@ def test_quick_run_writes_every_promised_file(tmp_path, script):
     for name in FIGURES:
         with Image.open(tmp_path / "figures" / f"{name}.png") as figure:
             assert figure.size[0] > 300 and figure.size[1] > 200
+    if flags == CONV:
+        assert "model conv (4, 8) x1 with skips" in markdown
+
+
+def _csv(path):
+    with path.open() as file:
+        return list(csv.DictReader(file))
+
+
+def test_pretrain_finetune_quick_run(tmp_path):
+    _run_quick("pretrain_finetune", tmp_path, "--label_fractions=0.1,1")
+    rows = _csv(tmp_path / "results.csv")
+    variants = {r["variant"] for r in rows}
+    assert variants == {
+        "random init",
+        "AE, stacked (level 0)",
+        "DAE masking 0.25, stacked",
+        "DAE Gaussian 0.3, stacked",
+        "AE, end-to-end (level 0)",
+        "DAE gaussian 0.5, end-to-end",
+    }
+    accuracy = [r for r in rows if r["metric"] == "test_accuracy"]
+    assert len(accuracy) == len(variants) * 2  # 2 label fractions x 1 seed
+    assert {r["label_fraction"] for r in accuracy} == {"0.1", "1.0"}
+    assert all(0.0 <= float(r["value"]) <= 1.0 for r in accuracy)
+    assert max(float(r["value"]) for r in accuracy) > 0.2  # above chance (0.1)
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| pre-training | 0.1 of labels | 1 of labels |" in markdown and "**" in markdown
+    assert json.loads((tmp_path / "results.json").read_text())["fractions"] == [0.1, 1.0]
+    for name in ("accuracy_vs_labels", "validation_curves"):
+        with Image.open(tmp_path / "figures" / f"{name}.png") as figure:
+            assert figure.size[0] > 300 and figure.size[1] > 200
+
+
+def test_anomaly_quick_run(tmp_path):
+    _run_quick("anomaly", tmp_path, "--classes=3,7")
+    rows = _csv(tmp_path / "results.csv")
+    assert {(r["held_out_class"], r["score"]) for r in rows} == {
+        (c, s) for c in ("3", "7") for s in ("reconstruction", "denoised")
+    }
+    assert all(0.0 <= float(r["value"]) <= 1.0 for r in rows)
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| mean over classes |" in markdown and "Hardest classes" in markdown
+    with Image.open(tmp_path / "figures" / "roc.png") as figure:
+        assert figure.size == (600, 600)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "experiments/anomaly.py",
+            f"--workdir={tmp_path}",
+            "--quick",
+            "--config.data.name=synthetic",
+            "--config.compile_cache=",
+            "--classes=12",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "error: --classes=12 is not a class of synthetic (0..9)"
+    )

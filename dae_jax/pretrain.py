@@ -1,0 +1,485 @@
+"""Greedy layer-wise DAE pre-training (Vincent et al. 2010) and supervised fine-tuning.
+
+Stacked pre-training: layer 1 is a one-hidden-layer DAE on the corrupted pixels
+(sigmoid output, the config's loss); layer l > 1 is a DAE on the *clean* codes of the
+layers below, corrupted the same way (Gaussian noise scaled by the codes' standard
+deviation, or masking), with a linear output and squared error, since ReLU codes are
+not in [0, 1]. The encoders stack into the network that fine-tuning starts from.
+
+Fine-tuning: the encoder plus a softmax head, trained with labels by Adam on
+minibatches, the epoch with the best validation accuracy kept. All training here is
+a pure function of (parameters, key, data), so seeds run side by side under
+``jax.vmap`` in one compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from dae_jax import corruption, losses, models
+from dae_jax.errors import UserError
+
+STACK_NOISE = ("gaussian", "masking")
+
+
+def adam_epochs(
+    loss_fn: Callable[[Any, tuple[jax.Array, ...], jax.Array], jax.Array],
+    params: Any,
+    key: jax.Array,
+    data: tuple[jax.Array, ...],
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    score_fn: Callable[[Any], jax.Array] | None = None,
+) -> tuple[Any, jax.Array, jax.Array]:
+    """Adam on minibatches of ``data`` (arrays sharing axis 0), reshuffled every epoch.
+
+    ``loss_fn(params, batch, key)`` gets a fresh key per step. Returns the final
+    parameters, or with ``score_fn`` (higher is better, e.g. validation accuracy) those
+    of the best-scoring epoch; and the per-epoch mean losses and scores.
+    """
+    n = data[0].shape[0]
+    batch = min(batch_size, n)
+    steps = n // batch
+    optimizer = optax.adam(learning_rate)
+
+    def epoch(carry: tuple, epoch_key: jax.Array) -> tuple[tuple, tuple[jax.Array, jax.Array]]:
+        params, opt_state, best, best_score = carry
+        order_key, step_key = jax.random.split(epoch_key)
+        order = jax.random.permutation(order_key, n)[: steps * batch].reshape(steps, batch)
+
+        def step(carry: tuple, xs: tuple[jax.Array, jax.Array]) -> tuple[tuple, jax.Array]:
+            params, opt_state = carry
+            indices, i = xs
+            batch_data = tuple(a[indices] for a in data)
+            loss, grads = jax.value_and_grad(loss_fn)(
+                params, batch_data, jax.random.fold_in(step_key, i)
+            )
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        (params, opt_state), batch_losses = jax.lax.scan(
+            step, (params, opt_state), (order, jnp.arange(steps))
+        )
+        score = score_fn(params) if score_fn is not None else -jnp.mean(batch_losses)
+        better = score > best_score
+        best = jax.tree.map(lambda new, old: jnp.where(better, new, old), params, best)
+        return (params, opt_state, best, jnp.maximum(score, best_score)), (
+            jnp.mean(batch_losses),
+            score,
+        )
+
+    init = (params, optimizer.init(params), params, jnp.float32(-jnp.inf))
+    (last, _, best, _), (epoch_losses, scores) = jax.lax.scan(
+        epoch, init, jax.random.split(key, epochs)
+    )
+    return (best if score_fn is not None else last), epoch_losses, scores
+
+
+# ------------------------------------------------------------------ pre-training
+
+
+class LayerDae(nnx.Module):
+    """One layer of a stacked DAE: ``relu(x W + b)`` and its reconstruction."""
+
+    def __init__(self, inputs: int, width: int, *, rngs: nnx.Rngs):
+        self.encoder = nnx.Linear(inputs, width, rngs=rngs)
+        self.decoder = nnx.Linear(width, inputs, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.decoder(nnx.relu(self.encoder(x)))
+
+
+def pretrain_stack(
+    key: jax.Array,
+    pixels_NxP: jax.Array,
+    widths: Sequence[int],
+    *,
+    noise_kind: str,
+    level: float,
+    loss: str,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+) -> list[nnx.State]:
+    """Greedy layer-wise pre-training; returns each layer's encoder ``nnx.Linear`` state.
+
+    ``noise_kind`` is ``gaussian`` (sigma ``level`` on pixels, clipped to [0, 1];
+    ``level`` times the codes' standard deviation on codes) or ``masking``; level 0
+    trains plain autoencoders. Pure in ``key`` and the data, so it can be vmapped.
+    """
+    if noise_kind not in STACK_NOISE:
+        raise ValueError(f"stacked pre-training supports {STACK_NOISE}, not {noise_kind!r}")
+    encoders = []
+    inputs_NxD = pixels_NxP
+    for depth, width in enumerate(widths):
+        layer_key, key = jax.random.split(key)
+        init_key, train_key = jax.random.split(layer_key)
+        graphdef, params = nnx.split(LayerDae(inputs_NxD.shape[1], width, rngs=nnx.Rngs(init_key)))
+        first = depth == 0
+        # Codes are rescaled to unit standard deviation for training, and the scale
+        # folded back into the encoder afterwards, so the stack sees raw codes.
+        scale = jnp.float32(1.0) if first else jnp.std(inputs_NxD) + 1e-6
+        loss_of = _layer_loss(graphdef, scale, first, noise_kind, level, loss)
+        params, _, _ = adam_epochs(
+            loss_of,
+            params,
+            train_key,
+            (inputs_NxD,),
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+        )
+        layer = nnx.merge(graphdef, params).encoder
+        layer.kernel[...] = layer.kernel[...] / scale
+        encoders.append(nnx.state(layer))
+        inputs_NxD = nnx.relu(layer(inputs_NxD))
+    return encoders
+
+
+def _layer_loss(
+    graphdef: nnx.GraphDef, scale: jax.Array, first: bool, noise_kind: str, level: float, loss: str
+) -> Callable[[nnx.State, tuple[jax.Array, ...], jax.Array], jax.Array]:
+    def loss_of(params: nnx.State, batch: tuple[jax.Array, ...], key: jax.Array) -> jax.Array:
+        clean = batch[0] / scale
+        noisy = corruption.corrupt(noise_kind, key, clean, level, clip=first)[0]
+        out = nnx.merge(graphdef, params)(noisy)
+        if first:  # pixels: sigmoid output and the config's loss
+            return jnp.mean(losses.PER_EXAMPLE[loss](out, clean))
+        return jnp.mean(optax.squared_error(out, clean))
+
+    return loss_of
+
+
+# ------------------------------------------------------------------ fine-tuning
+
+
+class Classifier(nnx.Module):
+    """A DAE's encoder (its layers, each followed by ReLU) and a linear softmax head."""
+
+    def __init__(self, encoder: nnx.List, code_size: int, *, flat: bool, rngs: nnx.Rngs):
+        self.encoder = encoder
+        self.flat = flat
+        self.head = nnx.Linear(code_size, 10, rngs=rngs)
+
+    def codes(self, x: jax.Array) -> jax.Array:
+        if x.dtype == jnp.uint8:  # device-resident training images
+            x = x.astype(jnp.float32) / 255.0
+        h = x.reshape(x.shape[0], -1) if self.flat else x.reshape(x.shape[0], *models.IMAGE_SHAPE)
+        for layer in self.encoder:
+            h = nnx.relu(layer(h))
+        return h.reshape(h.shape[0], -1)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.codes(x))
+
+
+def classifier_from(model: models.Dae, key: jax.Array) -> Classifier:
+    """A classifier on ``model``'s encoder (its current weights) with a fresh head."""
+    code_size = int(model.encode(jnp.zeros((1, *models.IMAGE_SHAPE))).shape[1])
+    flat = isinstance(model, models.MlpDae)
+    return Classifier(model.encoder, code_size, flat=flat, rngs=nnx.Rngs(key))
+
+
+def accuracy(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, y: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.argmax(nnx.merge(graphdef, params)(x), axis=1) == y)
+
+
+def finetune(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    key: jax.Array,
+    images: jax.Array,
+    labels: jax.Array,
+    val_images: jax.Array,
+    val_labels: jax.Array,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+) -> tuple[nnx.State, jax.Array, jax.Array]:
+    """Cross-entropy fine-tuning of the whole classifier; keeps the best validation epoch.
+
+    Returns its parameters, the per-epoch training losses and validation accuracies."""
+
+    def loss_of(params: nnx.State, batch: tuple[jax.Array, ...], key: jax.Array) -> jax.Array:
+        del key
+        x, y = batch
+        logits = nnx.merge(graphdef, params)(x)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+    return adam_epochs(
+        loss_of,
+        params,
+        key,
+        (images, labels),
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        score_fn=functools.partial(accuracy, graphdef, x=val_images, y=val_labels),
+    )
+
+
+def labelled_subset(
+    key: jax.Array, labels: np.ndarray, fraction: float, num_classes: int = 10
+) -> np.ndarray:
+    """Indices of a class-balanced random ``fraction`` of the examples (at least one per
+    class, at most the rarest class's count): the same count for every key, so subsets
+    of several seeds stack. ``fraction >= 1`` is every example."""
+    labels = np.asarray(labels)
+    if fraction >= 1:
+        return np.arange(len(labels))
+    rarest = min(int(np.sum(labels == c)) for c in range(num_classes))
+    per_class = min(rarest, max(1, round(fraction * len(labels) / num_classes)))
+    picks = []
+    for c, class_key in enumerate(jax.random.split(key, num_classes)):
+        members = np.flatnonzero(labels == c)
+        if len(members) < per_class:
+            raise ValueError(f"class {c} has {len(members)} examples; {per_class} wanted")
+        picks.append(np.asarray(jax.random.permutation(class_key, members))[:per_class])
+    return np.concatenate(picks)
+
+
+# ------------------------------------------------------------------ the experiment
+
+
+def _stacked_variants() -> dict[str, tuple[str, float]]:
+    """Stacked pre-training variants: name -> (noise kind, level)."""
+    return {
+        "AE, stacked (level 0)": ("gaussian", 0.0),
+        "DAE masking 0.25, stacked": ("masking", 0.25),
+        "DAE Gaussian 0.3, stacked": ("gaussian", 0.3),
+    }
+
+
+def run_experiment(
+    config: ml_collections.ConfigDict,
+    seeds: Sequence[int],
+    workdir: Path,
+    *,
+    fractions: Sequence[float],
+    pretrain_epochs: int,
+    finetune_epochs: int,
+    val_size: int,
+    command: str = "",
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Pre-trains every variant for every seed, fine-tunes each with every label fraction,
+    and writes results (test accuracy of the best validation epoch) and a figure."""
+    from dae_jax import data, plots, report, train
+
+    started = time.perf_counter()
+    (workdir / "figures").mkdir(parents=True, exist_ok=True)
+    dataset = data.load(config.data, seed=config.seed)
+    num_train = len(dataset.train_images)
+    if not 0 < val_size < num_train // 2:
+        raise UserError(f"--val_size={val_size} must be between 1 and half the training set")
+    split = np.asarray(jax.random.permutation(jax.random.key(config.seed), num_train))
+    pool, val = split[val_size:], split[:val_size]
+    images = jnp.asarray(dataset.train_images[pool])
+    labels = jnp.asarray(dataset.train_labels[pool])
+    val_x = train.to_float(jnp.asarray(dataset.train_images[val]))
+    val_y = jnp.asarray(dataset.train_labels[val])
+    test_x = train.to_float(jnp.asarray(dataset.test_images))
+    test_y = jnp.asarray(dataset.test_labels)
+    log(
+        f"pretrain_finetune: {dataset.name}, {len(pool)} train images (labels used only in "
+        f"fine-tuning), {val_size} validation, {len(test_y)} test; model {config.model.kind}"
+    )
+    seed_keys = jnp.stack([jax.random.key(s) for s in seeds])
+    pretrain_keys, head_keys, tune_keys, subset_keys = (
+        jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(seed_keys) for i in range(4)
+    )
+    fresh = jax.vmap(lambda key: nnx.split(models.create(config, key=key))[1])(pretrain_keys)
+    graphdef = nnx.split(models.create(config, key=jax.random.key(0)))[0]
+
+    # Each variant: the DAE-model parameters (stacked over seeds) the classifier starts from.
+    starts: dict[str, nnx.State] = {"random init": fresh}
+    if config.model.kind == "mlp":
+        pixels = train.to_float(images).reshape(len(pool), -1)
+        for name, (kind, level) in _stacked_variants().items():
+            begin = time.perf_counter()
+            stack = jax.jit(
+                jax.vmap(
+                    functools.partial(
+                        pretrain_stack,
+                        widths=tuple(config.model.hidden),
+                        noise_kind=kind,
+                        level=level,
+                        loss=config.loss,
+                        epochs=pretrain_epochs,
+                        batch_size=config.train.batch_size,
+                        learning_rate=config.optim.learning_rate,
+                    ),
+                    in_axes=(0, None),
+                )
+            )(pretrain_keys, pixels)
+            starts[name] = _with_encoder(graphdef, fresh, stack)
+            log(f"  pre-trained {name} in {time.perf_counter() - begin:.1f} s")
+    unlabeled = dataclasses.replace(
+        dataset, train_images=dataset.train_images[pool], train_labels=dataset.train_labels[pool]
+    )
+    end_to_end = {"AE, end-to-end (level 0)": 0.0, "DAE, end-to-end": float(config.noise.level)}
+    for name, level in end_to_end.items():
+        begin = time.perf_counter()
+        e2e = ml_collections.ConfigDict(config.to_dict())
+        e2e.train.epochs = pretrain_epochs
+        many = train.fit_many(
+            e2e,
+            seeds=list(seeds),
+            levels=[level] * len(seeds),
+            dataset=unlabeled,
+            log=lambda _: None,
+        )
+        label = name if level == 0 else f"DAE {config.noise.kind} {level:g}, end-to-end"
+        starts[label] = many.states.params
+        log(f"  pre-trained {label} in {time.perf_counter() - begin:.1f} s")
+
+    head_graphdef, _ = nnx.split(
+        classifier_from(nnx.merge(graphdef, jax.tree.map(lambda x: x[0], fresh)), head_keys[0])
+    )
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, Any] = {}
+    for name, start_params in starts.items():
+        classifiers = jax.vmap(
+            lambda p, k: nnx.split(classifier_from(nnx.merge(graphdef, p), k))[1]
+        )(start_params, head_keys)
+        for fraction in fractions:
+            begin = time.perf_counter()
+            subsets = np.stack(
+                [
+                    labelled_subset(k, np.asarray(labels), fraction)
+                    for k in jax.vmap(lambda k, f=fraction: jax.random.fold_in(k, int(f * 1e6)))(
+                        subset_keys
+                    )
+                ]
+            )
+            epochs = finetune_epochs * max(1, min(10, round(1 / fraction)))
+            tuned, losses_SxE, val_SxE = _finetune_many(
+                head_graphdef,
+                classifiers,
+                tune_keys,
+                jnp.asarray(subsets),
+                images,
+                labels,
+                val_x,
+                val_y,
+                epochs=epochs,
+                batch_size=config.train.batch_size,
+                learning_rate=config.optim.learning_rate,
+            )
+            test_acc = jax.vmap(lambda p: accuracy(head_graphdef, p, test_x, test_y))(tuned)
+            for s, seed in enumerate(seeds):
+                for metric, value in (
+                    ("test_accuracy", float(test_acc[s])),
+                    ("val_accuracy", float(jnp.max(val_SxE[s]))),
+                    ("best_epoch", int(jnp.argmax(val_SxE[s])) + 1),
+                ):
+                    rows.append(
+                        {
+                            "experiment": "pretrain_finetune",
+                            "variant": name,
+                            "label_fraction": fraction,
+                            "labels": subsets.shape[1],
+                            "finetune_epochs": epochs,
+                            "seed": seed,
+                            "metric": metric,
+                            "value": value,
+                        }
+                    )
+            curves[f"{name} @ {fraction:g}"] = np.asarray(val_SxE).mean(axis=0)
+            log(
+                f"  {name}, {fraction:g} of the labels ({subsets.shape[1]}): test accuracy "
+                f"{float(jnp.mean(test_acc)):.4f} ({time.perf_counter() - begin:.1f} s)"
+            )
+
+    variants = list(starts)
+    columns = [f"{f:g} of labels" for f in fractions]
+    cells: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r["metric"] == "test_accuracy":
+            column = f"{r['label_fraction']:g} of labels"
+            cells.setdefault((r["variant"], column), []).append(r["value"])
+    body = (
+        "Test accuracy of the encoder + softmax head fine-tuned on a class-balanced fraction "
+        f"of the {len(pool)} training labels (the epoch with the best accuracy on {val_size} "
+        f"held-out training images kept); pre-training {pretrain_epochs} epochs per layer / "
+        f"end-to-end on all {len(pool)} images without labels. Bold: best in the column.\n\n"
+        + report.table(variants, columns, cells, first="pre-training")
+    )
+    report.write(
+        workdir,
+        "pretrain_finetune",
+        config,
+        seeds,
+        rows,
+        body,
+        started,
+        command,
+        fractions=list(fractions),
+    )
+    plots.accuracy_vs_labels(workdir / "figures" / "accuracy_vs_labels.png", rows, variants)
+    plots.curves_figure(
+        workdir / "figures" / "validation_curves.png",
+        curves,
+        xlabel="fine-tuning epoch",
+        ylabel="validation accuracy (mean over seeds)",
+    )
+    return rows
+
+
+def _with_encoder(graphdef: nnx.GraphDef, fresh: nnx.State, encoders: list[nnx.State]):
+    """``fresh`` DAE parameters (stacked over seeds) with the encoder layers replaced."""
+
+    def one(params: nnx.State, layers: list[nnx.State]) -> nnx.State:
+        model = nnx.merge(graphdef, params)
+        for module, state in zip(model.encoder, layers, strict=True):
+            nnx.update(module, state)
+        return nnx.split(model)[1]
+
+    return jax.vmap(one)(fresh, encoders)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "epochs", "batch_size", "learning_rate"))
+def _finetune_many(
+    graphdef,
+    params_S,
+    keys_S,
+    subsets_SxN,
+    images,
+    labels,
+    val_x,
+    val_y,
+    *,
+    epochs,
+    batch_size,
+    learning_rate,
+):
+    def one(params, key, subset):
+        return finetune(
+            graphdef,
+            params,
+            key,
+            images[subset],
+            labels[subset],
+            val_x,
+            val_y,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+        )
+
+    return jax.vmap(one)(params_S, keys_S, subsets_SxN)

@@ -1,0 +1,172 @@
+"""What every experiment script shares: its command line and its output files.
+
+    python experiments/NAME.py --workdir=W [--config=FILE] [--config.KEY=VALUE]
+                               [--seeds=0,1,2] [--quick]
+
+Outputs in ``W``: ``results.csv`` (one row per model x measurement, with its seed),
+``results.json`` (rows, config, device, versions, date, run time), ``results.md`` (a
+header saying how the numbers were made, then the script's table) and ``figures/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from dae_jax import train
+
+
+def where(device: dict[str, Any]) -> str:
+    """The CPU's name on CPU, else the accelerator's."""
+    return device["cpu"] if device["platform"] == "cpu" else device["device_kind"]
+
+
+def model_name(config: ml_collections.ConfigDict) -> str:
+    """A short description of the config's model, for report headers."""
+    model = config.model
+    if model.get("kind", "mlp") == "conv":
+        return f"conv {tuple(model.channels)} x{model.get('convs_per_level', 1)}" + (
+            " with skips" if model.skip else ""
+        )
+    return f"mlp {tuple(model.hidden)}" + (" tied" if model.get("tied_weights") else "")
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = list(values)
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table(
+    row_names: Sequence[str],
+    columns: Sequence[str],
+    cells: Mapping[tuple[str, str], Sequence[float]],
+    *,
+    first: str,
+    digits: int = 4,
+    higher_is_better: bool = True,
+) -> str:
+    """A markdown table of mean ± std per (row, column); the best mean per column bold."""
+    best: dict[str, float] = {}
+    for column in columns:
+        means = [mean_std(cells[r, column])[0] for r in row_names if cells.get((r, column))]
+        if means:
+            best[column] = max(means) if higher_is_better else min(means)
+    lines = [
+        f"| {first} | " + " | ".join(columns) + " |",
+        "| --- |" + " ---: |" * len(columns),
+    ]
+    for name in row_names:
+        out = []
+        for column in columns:
+            values = cells.get((name, column))
+            if not values:
+                out.append("—")
+                continue
+            mean, std = mean_std(values)
+            text = f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if len(values) > 1 else "")
+            out.append(f"**{text}**" if math.isclose(mean, best[column]) else text)
+        lines.append(f"| {name} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def write(
+    workdir: Path,
+    experiment: str,
+    config: ml_collections.ConfigDict,
+    seeds: Sequence[int],
+    rows: list[dict[str, Any]],
+    body: str,
+    started: float,
+    command: str,
+    **extra: Any,
+) -> None:
+    """Writes results.csv, results.json and results.md (header + ``body``) to ``workdir``."""
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    with (workdir / "results.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    info = {
+        "experiment": experiment,
+        "date": time.strftime("%Y-%m-%d"),
+        "seconds": time.perf_counter() - started,
+        "command": command,
+        "seeds": list(seeds),
+        "config": config.to_dict(),
+        "device": train.device_info(),
+        "versions": train.versions(),
+        **extra,
+    }
+    device = info["device"]
+    header = (
+        f"# {experiment}\n\n"
+        + (f"Command: `{command}`\n\n" if command else "")
+        + f"{config.data.name}, model {model_name(config)}, seeds {list(seeds)}, mean ± std "
+        f"over seeds; {info['date']}, {where(device)} ({device['platform']}), "
+        f"jax {info['versions']['jax']}, {info['seconds'] / 60:.1f} min."
+    )
+    (workdir / "results.md").write_text(header + "\n\n" + body.rstrip() + "\n")
+    (workdir / "results.json").write_text(
+        json.dumps({**info, "rows": rows}, indent=1, default=float) + "\n"
+    )
+
+
+def cli(
+    experiment: str,
+    run: Callable[..., None],
+    *,
+    quick: Callable[[ml_collections.ConfigDict], None],
+) -> None:
+    """An absl main: parses the shared flags, validates the config, then calls
+    ``run(config=..., seeds=..., workdir=..., quick=..., command=...)``; a user mistake
+    ends in one line on stderr. ``quick(config)`` shrinks the config for ``--quick``."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from dae_jax.cli import DEFAULT_CONFIG
+    from dae_jax.configs import validate
+    from dae_jax.errors import UserError
+
+    flags.DEFINE_string("workdir", None, "Directory for results and figures.", required=True)
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (one model per seed and setting).")
+    flags.DEFINE_bool("quick", False, "Tiny data, few epochs, one seed: a smoke run.")
+    config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), lock_config=False)
+
+    def main(argv: Sequence[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected argument {argv[1]!r}")
+        config = flags.FLAGS.config
+        seeds = [int(s) for s in flags.FLAGS.seeds]
+        if flags.FLAGS.quick:
+            quick(config)
+            seeds = seeds[:1]
+        workdir = Path(flags.FLAGS.workdir)
+        try:
+            validate(config)
+            train.prepare_workdir(workdir)
+            train.enable_compile_cache(config.compile_cache)
+            command = " ".join(["python", f"experiments/{experiment}.py", *sys.argv[1:]])
+            run(
+                config=config,
+                seeds=seeds,
+                workdir=workdir,
+                quick=flags.FLAGS.quick,
+                command=command,
+            )
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        print(f"Results: {workdir / 'results.md'}")
+
+    app.run(main)
