@@ -16,9 +16,33 @@ def psnr(images_a: jax.Array, images_b: jax.Array) -> jax.Array:
     return dm_pix.psnr(images_a, images_b)
 
 
+def _gaussian_window(size: int, filter_size: int = 11, sigma: float = 1.5) -> jax.Array:
+    """``[size - filter_size + 1, size]``: dm-pix's SSIM window as a banded matrix, so
+    the 'valid' blur along one axis is one matrix product."""
+    half = filter_size // 2
+    shift = (2 * half - filter_size + 1) / 2
+    taps = jnp.exp(-0.5 * ((jnp.arange(filter_size) - half + shift) / sigma) ** 2)
+    taps = taps / jnp.sum(taps)
+    rows = jnp.arange(size - filter_size + 1)[:, None]
+    offset = jnp.arange(size)[None, :] - rows
+    inside = (offset >= 0) & (offset < filter_size)
+    # convolve flips the taps; the Gaussian is symmetric, but flip anyway to match exactly.
+    return jnp.where(inside, taps[::-1][jnp.clip(offset, 0, filter_size - 1)], 0.0)
+
+
+def _ssim_blur(images_BxHxWxC: jax.Array) -> jax.Array:
+    along_h = _gaussian_window(images_BxHxWxC.shape[-3])
+    along_w = _gaussian_window(images_BxHxWxC.shape[-2])
+    hi = jax.lax.Precision.HIGHEST
+    out = jnp.einsum("ih,...hwc->...iwc", along_h, images_BxHxWxC, precision=hi)
+    return jnp.einsum("jw,...iwc->...ijc", along_w, out, precision=hi)
+
+
 def ssim(images_a: jax.Array, images_b: jax.Array) -> jax.Array:
-    """Structural similarity for each image of a batch ``[B, H, W, C]`` (dm-pix defaults)."""
-    return dm_pix.ssim(images_a, images_b, max_val=1.0)
+    """Structural similarity for each image of a batch ``[B, H, W, C]``: dm-pix's SSIM
+    with its default 11x11 Gaussian window (sigma 1.5), applied as two matrix products
+    (the same numbers to float rounding; ~10x faster on CPU than its 1-D convolutions)."""
+    return dm_pix.ssim(images_a, images_b, max_val=1.0, filter_fn=_ssim_blur)
 
 
 def mse(images_a: jax.Array, images_b: jax.Array) -> jax.Array:

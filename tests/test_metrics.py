@@ -51,3 +51,13 @@ def test_linear_probe_separates_a_separable_set_and_not_noise():
         rng.normal(size=(1500, 20)), labels[:1500], rng.normal(size=(500, 20)), labels[1500:]
     )
     assert shuffled["test_accuracy"] == pytest.approx(0.1, abs=0.06)  # chance
+
+
+def test_ssim_matches_dm_pix_default_window():
+    import dm_pix
+
+    clean = jax.random.uniform(jax.random.key(0), (16, 28, 28, 1))
+    noisy = jnp.clip(clean + 0.3 * jax.random.normal(jax.random.key(1), clean.shape), 0, 1)
+    np.testing.assert_allclose(
+        metrics.ssim(noisy, clean), dm_pix.ssim(noisy, clean, max_val=1.0), atol=1e-6
+    )
