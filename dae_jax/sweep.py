@@ -367,45 +367,28 @@ def _write(
 
 
 def cli(experiment: str, make_arms: Callable[[ml_collections.ConfigDict], list[Arm]]) -> None:
-    """The shared command line of the experiment scripts (absl + ml_collections)::
+    """The shared command line of the sweep scripts (``report.cli``'s flags)::
 
     python experiments/NAME.py --workdir=W [--config=FILE] [--config.KEY=VALUE]
                                [--seeds=0,1,2] [--quick]
+
+    ``--quick``: 1024 train / 256 test images, 1 epoch, 2 levels per arm, 1 seed.
     """
-    import sys
 
-    from absl import app, flags
-    from ml_collections import config_flags
+    def quick(config: ml_collections.ConfigDict) -> None:
+        config.data.train_size, config.data.test_size = 1024, 256
+        config.train.epochs, config.eval.batch_size = 1, 256
 
-    from dae_jax.cli import DEFAULT_CONFIG
-    from dae_jax.configs import validate
-    from dae_jax.errors import UserError
-
-    flags.DEFINE_string("workdir", None, "Directory for results and figures.", required=True)
-    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per level.")
-    flags.DEFINE_bool("quick", False, "Tiny data, 1 epoch, 2 levels, 1 seed: a smoke run.")
-    config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), lock_config=False)
-
-    def main(argv: Sequence[str]) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected argument {argv[1]!r}")
-        config = flags.FLAGS.config
-        seeds = [int(s) for s in flags.FLAGS.seeds]
-        if flags.FLAGS.quick:
-            config.data.train_size, config.data.test_size = 1024, 256
-            config.train.epochs, config.eval.batch_size = 1, 256
-            seeds = seeds[:1]
+    def run_sweep(
+        config: ml_collections.ConfigDict,
+        seeds: list[int],
+        workdir: Path,
+        quick: bool,
+        command: str,
+    ) -> None:
         arms = make_arms(config)
-        if flags.FLAGS.quick:
+        if quick:
             arms = [dataclasses.replace(arm, levels=arm.levels[:2]) for arm in arms]
-        try:
-            validate(config)
-            train.enable_compile_cache(config.compile_cache)
-            command = " ".join(["python", f"experiments/{experiment}.py", *sys.argv[1:]])
-            run(experiment, config, arms, seeds, flags.FLAGS.workdir, command=command)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(e.exit_code)
-        print(f"Results: {Path(flags.FLAGS.workdir) / 'results.md'}")
+        run(experiment, config, arms, seeds, workdir, command=command)
 
-    app.run(main)
+    report.cli(experiment, run_sweep, quick=quick)
