@@ -1,3 +1,5 @@
+from typing import cast
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,10 +109,14 @@ def test_tied_weights_share_one_kernel_and_it_gets_both_gradients():
     assert [k.shape for k in kernels] == [(784, 32), (32, 8)]
     assert models.num_params(tied) == 784 * 32 + 32 + 32 * 8 + 8 + 32 + 784
     # The same function as an untied model whose decoder kernels are the transposes.
-    for enc, dec in zip(untied.encoder, reversed(untied.decoder), strict=True):
+    untied_encoder = cast(list[nnx.Linear], list(untied.encoder))
+    untied_decoder = cast(list[nnx.Linear], list(untied.decoder))
+    for enc, dec in zip(untied_encoder, reversed(untied_decoder), strict=True):
+        assert dec.bias is not None
         dec.kernel[...] = enc.kernel[...].T
         dec.bias[...] = jnp.zeros_like(dec.bias[...])
-    for a, b in zip(tied.encoder, untied.encoder, strict=True):
+    for a, b in zip(cast(list[nnx.Linear], list(tied.encoder)), untied_encoder, strict=True):
+        assert a.bias is not None and b.bias is not None
         a.kernel[...], a.bias[...] = b.kernel[...], b.bias[...]
     x = jax.random.uniform(jax.random.key(1), (4, 784))
     np.testing.assert_allclose(tied(x), untied(x), rtol=1e-5, atol=1e-6)
