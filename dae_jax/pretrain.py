@@ -274,11 +274,13 @@ def run_experiment(
     pretrain_epochs: int,
     finetune_epochs: int,
     val_size: int,
+    finetune_learning_rate: float = 0.0,
     command: str = "",
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Pre-trains every variant for every seed, fine-tunes each with every label fraction,
-    and writes results (test accuracy of the best validation epoch) and a figure."""
+    and writes results (test accuracy of the best validation epoch) and a figure.
+    ``finetune_learning_rate`` 0 means the config's ``optim.learning_rate``."""
     from dae_jax import data, plots, report, train
 
     started = time.perf_counter()
@@ -379,7 +381,7 @@ def run_experiment(
                 val_y,
                 epochs=epochs,
                 batch_size=config.train.batch_size,
-                learning_rate=config.optim.learning_rate,
+                learning_rate=finetune_learning_rate or config.optim.learning_rate,
             )
             test_acc = jax.vmap(lambda p: accuracy(head_graphdef, p, test_x, test_y))(tuned)
             for s, seed in enumerate(seeds):
@@ -413,11 +415,13 @@ def run_experiment(
         if r["metric"] == "test_accuracy":
             column = f"{r['label_fraction']:g} of labels"
             cells.setdefault((r["variant"], column), []).append(r["value"])
+    rate = finetune_learning_rate or config.optim.learning_rate
     body = (
         "Test accuracy of the encoder + softmax head fine-tuned on a class-balanced fraction "
-        f"of the {len(pool)} training labels (the epoch with the best accuracy on {val_size} "
-        f"held-out training images kept); pre-training {pretrain_epochs} epochs per layer / "
-        f"end-to-end on all {len(pool)} images without labels. Bold: best in the column.\n\n"
+        f"of the {len(pool)} training labels (Adam, learning rate {rate:g}; the epoch with "
+        f"the best accuracy on {val_size} held-out training images kept); pre-training "
+        f"{pretrain_epochs} epochs per layer / end-to-end on all {len(pool)} images "
+        "without labels. Bold: best in the column.\n\n"
         + report.table(variants, columns, cells, first="pre-training")
     )
     report.write(

@@ -21,6 +21,9 @@ flags.DEFINE_list("label_fractions", ["0.01", "0.1", "1"], "Fractions of labels 
 flags.DEFINE_integer("pretrain_epochs", 10, "Epochs per stacked layer, and end-to-end.")
 flags.DEFINE_integer("finetune_epochs", 20, "Fine-tuning epochs with all labels (x10 at <=10%).")
 flags.DEFINE_integer("val_size", 5000, "Training images held out for choosing the epoch.")
+flags.DEFINE_float(
+    "finetune_learning_rate", 0.0, "Adam's rate in fine-tuning; 0 = optim.learning_rate."
+)
 FLAGS = flags.FLAGS
 
 
@@ -37,6 +40,7 @@ def run(config, seeds, workdir, quick, command):
         pretrain_epochs=1 if quick else FLAGS.pretrain_epochs,
         finetune_epochs=1 if quick else FLAGS.finetune_epochs,
         val_size=128 if quick else FLAGS.val_size,
+        finetune_learning_rate=FLAGS.finetune_learning_rate,
         command=command,
     )
 
