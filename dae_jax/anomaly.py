@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from scipy import stats
 
-from dae_jax import corruption, data, plots, report, train
+from dae_jax import corruption, data, metrics, plots, report, train
 from dae_jax.errors import UserError
 
 SCORES = {
@@ -95,17 +95,14 @@ def run_experiment(
     )[0]
     test_labels = np.asarray(dataset.test_labels)
 
-    def mean_sq(a: jax.Array, b: jax.Array) -> np.ndarray:
-        return np.asarray(jnp.mean((a - b).reshape(len(a), -1) ** 2, axis=1))
-
     rows: list[dict[str, Any]] = []
     roc: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for k, (c, seed) in enumerate(pairs):
         model = many.model(k)
         positive = test_labels == c
         scores = {
-            "reconstruction": mean_sq(model(clean), clean),
-            "denoised": mean_sq(model(noisy), clean),
+            "reconstruction": np.asarray(metrics.mse(model(clean), clean)),
+            "denoised": np.asarray(metrics.mse(model(noisy), clean)),
         }
         for score, values in scores.items():
             rows.append(

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from dae_jax import models
+from dae_jax.configs import default
 from dae_jax.errors import UserError
 
 # Keys whose change would change what a run computes: refused on resume.
@@ -57,8 +58,6 @@ def science_changes(saved: dict, config: ml_collections.ConfigDict) -> list[str]
     """``key: old -> new`` for each science key that differs from the saved config.
 
     A key the saved config lacks (it predates the key) counts as its default value."""
-    from dae_jax.configs import default
-
     new = _plain(config)
     defaults = _plain(default.get_config())
     changes = []

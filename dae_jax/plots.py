@@ -59,17 +59,23 @@ def loss_figure(
     ax.set_xticks(list(epochs))
     ax.grid(alpha=0.3)
     ax.legend()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
-def _mean_std_by(rows, **want) -> tuple[list[float], list[float], list[float]]:
-    """(levels, means, stds) of the rows matching ``want``, grouped by train level."""
+def _mean_std_by(
+    rows, by: str = "train_level", **want
+) -> tuple[list[float], list[float], list[float]]:
+    """(values of ``by``, means, stds) of the rows matching ``want``, grouped by ``by``."""
     groups: dict[float, list[float]] = {}
     for r in rows:
         if all(r.get(k) == v for k, v in want.items()):
-            groups.setdefault(r["train_level"], []).append(r["value"])
+            groups.setdefault(r[by], []).append(r["value"])
     levels = sorted(groups)
     return (
         levels,
@@ -120,9 +126,7 @@ def sweep_figures(directory: Path, rows, arms, lines, examples, clean: np.ndarra
             ax.set_ylabel(metric.upper())
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(directory / "quality_vs_level.png", dpi=DPI)
-    plt.close(fig)
+    _save(fig, directory / "quality_vs_level.png")
 
     # Train level x test level PSNR, one panel per arm.
     fig, axes = plt.subplots(1, len(arms), figsize=(5 * len(arms), 4.2), dpi=DPI, squeeze=False)
@@ -152,9 +156,7 @@ def sweep_figures(directory: Path, rows, arms, lines, examples, clean: np.ndarra
                     j, i, f"{matrix[i, j]:.1f}", ha="center", va="center", fontsize=7, color="w"
                 )
         fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(directory / "train_vs_test_level.png", dpi=DPI)
-    plt.close(fig)
+    _save(fig, directory / "train_vs_test_level.png")
 
     # Reconstructions: clean on top, then noisy and reconstructed rows per model.
     names = list(examples)
@@ -191,36 +193,23 @@ def sweep_figures(directory: Path, rows, arms, lines, examples, clean: np.ndarra
     ax.set_ylabel("linear probe test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(directory / "probe_vs_level.png", dpi=DPI)
-    plt.close(fig)
+    _save(fig, directory / "probe_vs_level.png")
 
 
 def accuracy_vs_labels(path: Path, rows, variants: Sequence[str]) -> None:
     """Test accuracy (mean and std over seeds) against the fraction of labels used."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=DPI)
     for variant in variants:
-        fractions = sorted({r["label_fraction"] for r in rows if r["variant"] == variant})
-        means, stds = [], []
-        for f in fractions:
-            values = [
-                r["value"]
-                for r in rows
-                if r["variant"] == variant
-                and r["label_fraction"] == f
-                and r["metric"] == "test_accuracy"
-            ]
-            means.append(float(np.mean(values)))
-            stds.append(float(np.std(values)))
+        fractions, means, stds = _mean_std_by(
+            rows, by="label_fraction", variant=variant, metric="test_accuracy"
+        )
         ax.errorbar(fractions, means, yerr=stds, marker="o", capsize=3, label=variant)
     ax.set_xscale("log")
     ax.set_xlabel("fraction of training labels used in fine-tuning")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def curves_figure(path: Path, curves: dict, *, xlabel: str, ylabel: str) -> None:
@@ -232,9 +221,7 @@ def curves_figure(path: Path, curves: dict, *, xlabel: str, ylabel: str) -> None
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def roc_figure(path: Path, curves: dict) -> None:
@@ -248,6 +235,4 @@ def roc_figure(path: Path, curves: dict) -> None:
     ax.set_title("held-out class vs the rest, by reconstruction error")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)

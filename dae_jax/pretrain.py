@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dae_jax import corruption, losses, models
+from dae_jax import corruption, data, losses, models, plots, report, train
 from dae_jax.errors import UserError
 
 STACK_NOISE = ("gaussian", "masking")
@@ -74,13 +74,13 @@ def adam_epochs(
         (params, opt_state), batch_losses = jax.lax.scan(
             step, (params, opt_state), (order, jnp.arange(steps))
         )
-        score = score_fn(params) if score_fn is not None else -jnp.mean(batch_losses)
+        mean_loss = jnp.mean(batch_losses)
+        if score_fn is None:  # no selection: the last epoch's parameters are returned
+            return (params, opt_state, best, best_score), (mean_loss, -mean_loss)
+        score = score_fn(params)
         better = score > best_score
         best = jax.tree.map(lambda new, old: jnp.where(better, new, old), params, best)
-        return (params, opt_state, best, jnp.maximum(score, best_score)), (
-            jnp.mean(batch_losses),
-            score,
-        )
+        return (params, opt_state, best, jnp.maximum(score, best_score)), (mean_loss, score)
 
     init = (params, optimizer.init(params), params, jnp.float32(-jnp.inf))
     (last, _, best, _), (epoch_losses, scores) = jax.lax.scan(
@@ -247,8 +247,6 @@ def labelled_subset(
     picks = []
     for c, class_key in enumerate(jax.random.split(key, num_classes)):
         members = np.flatnonzero(labels == c)
-        if len(members) < per_class:
-            raise ValueError(f"class {c} has {len(members)} examples; {per_class} wanted")
         picks.append(np.asarray(jax.random.permutation(class_key, members))[:per_class])
     return np.concatenate(picks)
 
@@ -281,9 +279,8 @@ def run_experiment(
     """Pre-trains every variant for every seed, fine-tunes each with every label fraction,
     and writes results (test accuracy of the best validation epoch) and a figure.
     ``finetune_learning_rate`` 0 means the config's ``optim.learning_rate``."""
-    from dae_jax import data, plots, report, train
-
     started = time.perf_counter()
+    rate = finetune_learning_rate or config.optim.learning_rate
     (workdir / "figures").mkdir(parents=True, exist_ok=True)
     dataset = data.load(config.data, seed=config.seed)
     num_train = len(dataset.train_images)
@@ -334,7 +331,10 @@ def run_experiment(
     unlabeled = dataclasses.replace(
         dataset, train_images=dataset.train_images[pool], train_labels=dataset.train_labels[pool]
     )
-    end_to_end = {"AE, end-to-end (level 0)": 0.0, "DAE, end-to-end": float(config.noise.level)}
+    end_to_end = {
+        "AE, end-to-end (level 0)": 0.0,
+        f"DAE {config.noise.kind} {config.noise.level:g}, end-to-end": float(config.noise.level),
+    }
     for name, level in end_to_end.items():
         begin = time.perf_counter()
         e2e = ml_collections.ConfigDict(config.to_dict())
@@ -346,9 +346,8 @@ def run_experiment(
             dataset=unlabeled,
             log=lambda _: None,
         )
-        label = name if level == 0 else f"DAE {config.noise.kind} {level:g}, end-to-end"
-        starts[label] = many.states.params
-        log(f"  pre-trained {label} in {time.perf_counter() - begin:.1f} s")
+        starts[name] = many.states.params
+        log(f"  pre-trained {name} in {time.perf_counter() - begin:.1f} s")
 
     head_graphdef, _ = nnx.split(
         classifier_from(nnx.merge(graphdef, jax.tree.map(lambda x: x[0], fresh)), head_keys[0])
@@ -381,7 +380,7 @@ def run_experiment(
                 val_y,
                 epochs=epochs,
                 batch_size=config.train.batch_size,
-                learning_rate=finetune_learning_rate or config.optim.learning_rate,
+                learning_rate=rate,
             )
             test_acc = jax.vmap(lambda p: accuracy(head_graphdef, p, test_x, test_y))(tuned)
             for s, seed in enumerate(seeds):
@@ -415,7 +414,6 @@ def run_experiment(
         if r["metric"] == "test_accuracy":
             column = f"{r['label_fraction']:g} of labels"
             cells.setdefault((r["variant"], column), []).append(r["value"])
-    rate = finetune_learning_rate or config.optim.learning_rate
     body = (
         "Test accuracy of the encoder + softmax head fine-tuned on a class-balanced fraction "
         f"of the {len(pool)} training labels (Adam, learning rate {rate:g}; the epoch with "

@@ -210,10 +210,6 @@ def run(
 # ---------------------------------------------------------------------- outputs
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def summary_table(rows: list[dict[str, Any]], arms: Sequence[Arm]) -> list[dict[str, Any]]:
     """One line per (arm, train level): mean and std over seeds of the reconstruction's
     PSNR and SSIM at its own level, the gain over the best classical reference there,
@@ -235,12 +231,14 @@ def summary_table(rows: list[dict[str, Any]], arms: Sequence[Arm]) -> list[dict[
                 {
                     "arm": arm.name,
                     "level": level,
-                    "psnr": _mean_std(psnr),
-                    "ssim": _mean_std(pick(model=arm.name, train_level=level, metric="ssim", **at)),
+                    "psnr": report.mean_std(psnr),
+                    "ssim": report.mean_std(
+                        pick(model=arm.name, train_level=level, metric="ssim", **at)
+                    ),
                     "noisy_psnr": pick(model="noisy input", metric="psnr", **at)[0],
                     "best_classical_psnr": classical,
                     "gain_db": statistics.fmean(psnr) - classical,
-                    "probe": _mean_std(
+                    "probe": report.mean_std(
                         pick(model=arm.name, train_level=level, metric="probe_accuracy")
                     ),
                 }
