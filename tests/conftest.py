@@ -50,18 +50,27 @@ TINY_FLAGS = [
 ]
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Runs ``python -m dae_jax ARGS`` in a fresh process, as a user would."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_python(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Runs ``python ARGS`` from the repository root in a fresh process; ``env`` is added
+    to this process's environment."""
     return subprocess.run(
-        [*DAE_JAX, *args],
+        [sys.executable, *args],
         capture_output=True,
         text=True,
         cwd=REPO,
-        env=env,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         timeout=timeout,
         check=False,
     )
+
+
+def run_cli(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Runs ``python -m dae_jax ARGS`` in a fresh process, as a user would."""
+    return run_python(*DAE_JAX[1:], *args, timeout=timeout, env=env)
 
 
 @pytest.fixture

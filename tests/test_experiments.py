@@ -3,12 +3,11 @@
 import csv
 import json
 import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.conftest import run_python
 
 FIGURES = ("quality_vs_level", "train_vs_test_level", "reconstructions", "probe_vs_level")
 ARMS = {
@@ -21,23 +20,20 @@ ARMS = {
 CONV = ("--config.model.kind=conv", "--config.model.channels=(4,8)", "--config.model.skip=True")
 
 
-def _run_quick(script: str, workdir, *flags: str) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            f"experiments/{script}.py",
-            f"--workdir={workdir}",
-            "--quick",
-            "--config.data.name=synthetic",
-            "--config.compile_cache=",
-            *flags,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
+def _quick(script: str, workdir, *flags: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return run_python(
+        f"experiments/{script}.py",
+        f"--workdir={workdir}",
+        "--quick",
+        "--config.data.name=synthetic",
+        "--config.compile_cache=",
+        *flags,
+        timeout=timeout,
     )
+
+
+def _run_quick(script: str, workdir, *flags: str) -> None:
+    result = _quick(script, workdir, *flags)
     assert result.returncode == 0, result.stderr
 
 
@@ -123,22 +119,7 @@ def test_anomaly_quick_run(tmp_path):
     assert "| mean over classes |" in markdown and "Hardest classes" in markdown
     with Image.open(tmp_path / "figures" / "roc.png") as figure:
         assert figure.size == (600, 600)
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "experiments/anomaly.py",
-            f"--workdir={tmp_path}",
-            "--quick",
-            "--config.data.name=synthetic",
-            "--config.compile_cache=",
-            "--classes=12",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
+    bad = _quick("anomaly", tmp_path, "--classes=12", timeout=300)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1] == (
         "error: --classes=12 is not a class of synthetic (0..9)"

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO, TINY_FLAGS, run_cli
+from tests.conftest import REPO, TINY_FLAGS, run_cli, run_python
 
 
 def _cache_entries(directory):
@@ -30,25 +30,16 @@ def test_second_run_reuses_every_compiled_program(tmp_path):
 
 def test_compile_cache_is_on_by_default_in_the_user_cache_and_can_be_turned_off(tmp_path):
     home = tmp_path / "home"
-    env = {**os.environ, "HOME": str(home)}
+    env = {"HOME": str(home)}
     default_flags = [f for f in TINY_FLAGS if not f.startswith("--config.compile_cache")]
     for name, extra in (("off", ["--config.compile_cache="]), ("on", [])):
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "dae_jax",
-                "train",
-                f"--workdir={tmp_path / name}",
-                *default_flags,
-                "--config.train.epochs=1",
-                *extra,
-            ],
-            cwd=REPO,
+        result = run_cli(
+            "train",
+            f"--workdir={tmp_path / name}",
+            *default_flags,
+            "--config.train.epochs=1",
+            *extra,
             env=env,
-            capture_output=True,
-            text=True,
-            check=False,
         )
         assert result.returncode == 0, result.stderr
         cache = home / ".cache" / "dae_jax" / "jax_compile_cache"
@@ -59,24 +50,16 @@ def test_compile_cache_is_on_by_default_in_the_user_cache_and_can_be_turned_off(
 
 
 def test_benchmark_harness_writes_its_table(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "experiments/benchmark.py",
-            f"--workdir={tmp_path}",
-            "--widths=32,16",
-            "--batch_sizes=16,32",
-            "--models=1,2",
-            "--steps=3",
-            "--repeats=2",
-            "--num_images=128",
-            "--matmul_size=128",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
+    result = run_python(
+        "experiments/benchmark.py",
+        f"--workdir={tmp_path}",
+        "--widths=32,16",
+        "--batch_sizes=16,32",
+        "--models=1,2",
+        "--steps=3",
+        "--repeats=2",
+        "--num_images=128",
+        "--matmul_size=128",
     )
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "results.json").read_text())
@@ -100,16 +83,8 @@ def test_benchmark_harness_writes_its_table(tmp_path):
 
 
 def _train_on(devices: int, workdir, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    return subprocess.run(
-        [sys.executable, "-m", "dae_jax", "train", f"--workdir={workdir}", *TINY_FLAGS, *extra],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return run_cli("train", f"--workdir={workdir}", *TINY_FLAGS, *extra, env=env)
 
 
 def test_data_parallel_over_8_devices_follows_the_single_device_run(tmp_path):
@@ -162,14 +137,7 @@ def test_two_processes_train_as_one_run(tmp_path):
     import numpy as np
 
     worker = [sys.executable, "-m", "tests.multihost_worker"]
-    alone = subprocess.run(
-        [*worker, str(tmp_path / "alone"), str(tmp_path / "alone_{}.npz")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
+    alone = run_python(*worker[1:], str(tmp_path / "alone"), str(tmp_path / "alone_{}.npz"))
     assert alone.returncode == 0, alone.stderr
 
     port = _free_port()
