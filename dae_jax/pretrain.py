@@ -279,6 +279,23 @@ def run_experiment(
     """Pre-trains every variant for every seed, fine-tunes each with every label fraction,
     and writes results (test accuracy of the best validation epoch) and a figure.
     ``finetune_learning_rate`` 0 means the config's ``optim.learning_rate``."""
+    bad = [f for f in fractions if not 0 < f <= 1]
+    if bad:
+        raise UserError(
+            f"--label_fractions: {bad[0]:g} is not a fraction of the labels in (0, 1]; "
+            "give e.g. --label_fractions=0.01,0.1,1"
+        )
+    for flag, epochs in (
+        ("pretrain_epochs", pretrain_epochs),
+        ("finetune_epochs", finetune_epochs),
+    ):
+        if epochs < 1:
+            raise UserError(f"--{flag}={epochs} must be at least 1")
+    if finetune_learning_rate < 0:
+        raise UserError(
+            f"--finetune_learning_rate={finetune_learning_rate:g} must be > 0 "
+            "(or 0 for the config's optim.learning_rate)"
+        )
     started = time.perf_counter()
     rate = finetune_learning_rate or config.optim.learning_rate
     (workdir / "figures").mkdir(parents=True, exist_ok=True)

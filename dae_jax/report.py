@@ -23,6 +23,7 @@ from typing import Any
 import ml_collections
 
 from dae_jax import train
+from dae_jax.errors import UserError
 
 
 def where(device: dict[str, Any]) -> str:
@@ -38,6 +39,17 @@ def model_name(config: ml_collections.ConfigDict) -> str:
             " with skips" if model.skip else ""
         )
     return f"mlp {tuple(model.hidden)}" + (" tied" if model.get("tied_weights") else "")
+
+
+def numbers(flag: str, values: Sequence[str], kind: type, example: str) -> list:
+    """A list flag's values as ``kind``; a value that is not one ends in a ``UserError``."""
+    try:
+        return [kind(value) for value in values]
+    except ValueError:
+        raise UserError(
+            f"--{flag}={','.join(values)} is not a list of {kind.__name__}s; "
+            f"give e.g. --{flag}={example}"
+        ) from None
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -136,7 +148,6 @@ def cli(
 
     from dae_jax.cli import DEFAULT_CONFIG
     from dae_jax.configs import validate
-    from dae_jax.errors import UserError
 
     flags.DEFINE_string("workdir", None, "Directory for results and figures.", required=True)
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (one model per seed and setting).")
@@ -147,12 +158,12 @@ def cli(
         if len(argv) > 1:
             raise app.UsageError(f"unexpected argument {argv[1]!r}")
         config = flags.FLAGS.config
-        seeds = [int(s) for s in flags.FLAGS.seeds]
-        if flags.FLAGS.quick:
-            quick(config)
-            seeds = seeds[:1]
         workdir = Path(flags.FLAGS.workdir)
         try:
+            seeds = numbers("seeds", flags.FLAGS.seeds, int, "0,1,2")
+            if flags.FLAGS.quick:
+                quick(config)
+                seeds = seeds[:1]
             validate(config)
             train.prepare_workdir(workdir)
             train.enable_compile_cache(config.compile_cache)

@@ -23,7 +23,7 @@ def quick(config):
 
 
 def run(config, seeds, workdir, quick, command):
-    classes = [int(c) for c in FLAGS.classes] or None
+    classes = report.numbers("classes", FLAGS.classes, int, "0,6") or None
     if quick and classes is None:
         classes = [0, 1]
     anomaly.run_experiment(config, seeds, workdir, classes=classes, command=command)

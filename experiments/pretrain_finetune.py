@@ -36,7 +36,9 @@ def run(config, seeds, workdir, quick, command):
         config,
         seeds,
         workdir,
-        fractions=[float(f) for f in FLAGS.label_fractions][: 2 if quick else None],
+        fractions=report.numbers("label_fractions", FLAGS.label_fractions, float, "0.01,0.1,1")[
+            : 2 if quick else None
+        ],
         pretrain_epochs=1 if quick else FLAGS.pretrain_epochs,
         finetune_epochs=1 if quick else FLAGS.finetune_epochs,
         val_size=128 if quick else FLAGS.val_size,

@@ -124,3 +124,60 @@ def test_anomaly_quick_run(tmp_path):
     assert bad.stderr.strip().splitlines()[-1] == (
         "error: --classes=12 is not a class of synthetic (0..9)"
     )
+
+
+@pytest.mark.parametrize(
+    ("script", "flag", "line"),
+    [
+        (
+            "noise_sweep",
+            "--seeds=0,x",
+            "error: --seeds=0,x is not a list of ints; give e.g. --seeds=0,1,2",
+        ),
+        (
+            "anomaly",
+            "--classes=shirt",
+            "error: --classes=shirt is not a list of ints; give e.g. --classes=0,6",
+        ),
+        (
+            "pretrain_finetune",
+            "--label_fractions=0.1,abc",
+            "error: --label_fractions=0.1,abc is not a list of floats; "
+            "give e.g. --label_fractions=0.01,0.1,1",
+        ),
+        (
+            "pretrain_finetune",
+            "--label_fractions=0,1",
+            "error: --label_fractions: 0 is not a fraction of the labels in (0, 1]; "
+            "give e.g. --label_fractions=0.01,0.1,1",
+        ),
+        (
+            "pretrain_finetune",
+            "--pretrain_epochs=0",
+            "error: --pretrain_epochs=0 must be at least 1",
+        ),
+        (
+            "pretrain_finetune",
+            "--finetune_learning_rate=-1",
+            "error: --finetune_learning_rate=-1 must be > 0 (or 0 for the config's "
+            "optim.learning_rate)",
+        ),
+        (
+            "pretrain_finetune",
+            "--val_size=0",
+            "error: --val_size=0 must be between 1 and half the training set",
+        ),
+    ],
+    ids=lambda v: str(v)[:30],
+)
+def test_bad_script_flags_end_in_one_line(tmp_path, script, flag, line):
+    result = run_python(
+        f"experiments/{script}.py",
+        f"--workdir={tmp_path}",
+        "--config.data.name=synthetic",
+        "--config.compile_cache=",
+        flag,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [line]
