@@ -1,9 +1,12 @@
 """Orbax checkpoints of the whole training state, resuming, and restoring a trained model.
 
-A checkpoint holds the ``TrainState`` (parameters, Adam state, global step) and a JSON
-``meta`` with the position in training (epoch, step in epoch, the partial epoch's loss
-sum) and the run's root PRNG key. The data order and the noise are functions of the
-root key and the position, so a resumed run retraces the uninterrupted one bit for bit.
+A checkpoint holds the population's stacked ``TrainState`` (parameters, Adam state,
+global step) and a JSON ``meta`` with the position in training (epoch, step in epoch,
+the partial epoch's loss sums), each member's root PRNG key, seed, noise level and
+learning rate, the members that diverged, and the run's config. The data order and
+the noise are functions of the root key and the position, so a resumed run retraces
+the uninterrupted one bit for bit; and a resume is checked against the settings the
+checkpoint was trained with even when ``config.json`` is missing or damaged.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ SCIENCE_KEYS = (
 _TMP_MARK = ".orbax-checkpoint-tmp"
 
 
-def _plain(config: ml_collections.ConfigDict | dict) -> dict:
+def plain(config: ml_collections.ConfigDict | dict) -> dict:
     """The config as JSON values (tuples become lists), so saved and new configs compare."""
     as_dict = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
     return json.loads(json.dumps(as_dict))
@@ -58,8 +61,8 @@ def science_changes(saved: dict, config: ml_collections.ConfigDict) -> list[str]
     """``key: old -> new`` for each science key that differs from the saved config.
 
     A key the saved config lacks (it predates the key) counts as its default value."""
-    new = _plain(config)
-    defaults = _plain(default.get_config())
+    new = plain(config)
+    defaults = plain(default.get_config())
     changes = []
     for key in SCIENCE_KEYS:
         before, after = _lookup(saved, key), _lookup(new, key)
@@ -150,30 +153,51 @@ class Checkpoints:
             force=True,
         )
 
-    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
-        """The newest checkpoint that restores, skipping damaged ones with a warning."""
-        target = _on_this_host(abstract_state)
+    def restore_latest(
+        self,
+        abstract_for: Callable[[dict[str, Any]], tuple[Any, bool]],
+        check: Callable[[dict[str, Any]], None] = lambda meta: None,
+    ) -> tuple[Any, dict[str, Any], bool] | None:
+        """The newest checkpoint that restores, skipping damaged ones with a warning.
+
+        Its meta is read first: ``check(meta)`` may refuse it (its ``UserError`` passes
+        through), and ``abstract_for(meta)`` gives the state's shapes and a flag that is
+        returned with the state and meta."""
         for step in reversed(self.steps()):
             try:
-                restored = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-                    ),
+                meta = dict(
+                    self.manager.restore(
+                        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                    )["meta"]
                 )
-                state, meta = restored["state"], dict(restored["meta"])
                 if int(meta["step"]) != step:
                     raise ValueError(f"its meta says step {meta['step']}")
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
-                _ignore_orbax_read_coroutines()
-                gc.collect()
-                first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                first_line = first_line.split(". See full")[0][:160]
-                moved = "" if self.read_only else f"; moved to {self._set_aside(step)}"
-                self.warn(f"warning: skipping damaged checkpoint {step} ({first_line}){moved}")
+                self._damaged(step, e)
                 continue
-            return state, meta
+            check(meta)
+            abstract, flag = abstract_for(meta)
+            try:
+                state = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(_on_this_host(abstract))
+                    ),
+                )["state"]
+            except Exception as e:
+                self._damaged(step, e)
+                continue
+            return state, meta, flag
         return None
+
+    def _damaged(self, step: int, e: Exception) -> None:
+        """Warns in one line and sets the checkpoint aside (in place when read-only)."""
+        _ignore_orbax_read_coroutines()
+        gc.collect()
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first_line = first_line.split(". See full")[0][:160]
+        moved = "" if self.read_only else f"; moved to {self._set_aside(step)}"
+        self.warn(f"warning: skipping damaged checkpoint {step} ({first_line}){moved}")
 
     def _set_aside(self, step: int) -> Path:
         """Moves a damaged checkpoint out of the manager's way (a new save may need its
@@ -200,15 +224,27 @@ class Checkpoints:
 def load_config(workdir: Path) -> ml_collections.ConfigDict:
     path = workdir / "config.json"
     try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
+        value = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(value, dict) or not value:
+            raise ValueError("not a config object")
+        return ml_collections.ConfigDict(value)
     except FileNotFoundError:
         raise UserError(
             f"{workdir} holds no run (no config.json); train one first: "
             f"dae-jax train --workdir={workdir}",
             exit_code=1,
         ) from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path} ({e}); the workdir is damaged", exit_code=1) from None
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"cannot read {path} ({_first_line(e)}); the workdir is damaged: run "
+            f"dae-jax train --workdir={workdir} with the run's settings to rewrite it from "
+            "its checkpoint",
+            exit_code=1,
+        ) from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,30 +256,72 @@ class Run:
     epoch: int  # epochs completed
     step: int  # global steps completed
     workdir: Path
+    member: int = 0  # which model of a population (a sweep); 0 for a single run
+
+    def __repr__(self) -> str:
+        return (
+            f"Run(workdir={str(self.workdir)!r}, member={self.member}, epoch={self.epoch}, "
+            f"step={self.step}, model={type(self.model).__name__})"
+        )
 
 
-def restore(workdir: str | Path, *, warn: Callable[[str], None] = print) -> Run:
-    """The model of ``workdir``'s latest intact checkpoint, on this process's devices."""
-    from dae_jax import train  # train imports this module
+def restore(workdir: str | Path, *, model: int = 0, warn: Callable[[str], None] = print) -> Run:
+    """Model ``model`` (0 for a single run; any member of a sweep's population) of
+    ``workdir``'s latest intact checkpoint, with the config it was trained with (its
+    seed, noise level and learning rate set to the member's), on this process's devices."""
+    from dae_jax import step as steps  # jax-heavy: imported on use
 
     workdir = Path(workdir)
-    config = load_config(workdir)
-    graphdef, abstract = train.abstract_state(config)
     directory = workdir / "checkpoints"
+    if not directory.is_dir():
+        load_config(workdir)  # says whether the workdir holds a run at all
+    config = None
+
+    def abstract_for(meta: dict[str, Any]) -> tuple[Any, bool]:
+        nonlocal config
+        config = (
+            ml_collections.ConfigDict(meta["config"]) if "config" in meta else load_config(workdir)
+        )
+        members = meta.get("members")
+        if members is None:
+            if model != 0:
+                raise UserError(f"{workdir} holds a single model; --model={model} does not exist")
+            return steps.abstract_state(config)[1], True
+        if not 0 <= model < len(members):
+            raise UserError(
+                f"{workdir} holds {len(members)} models (0 to {len(members) - 1}); "
+                f"--model={model} does not exist",
+            )
+        chosen = members[model]
+        config.seed, config.noise.level = chosen["seed"], chosen["level"]
+        config.optim.learning_rate = chosen["learning_rate"]
+        return steps.abstract_state(config, len(members))[1], False
+
     found = None
     if directory.is_dir():
-        found = Checkpoints(directory, read_only=True, warn=warn).restore_latest(abstract)
-    if found is None:
+        from absl import logging  # orbax warns that a read-only manager is read-only
+
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity(logging.ERROR)
+        try:
+            checkpoints = Checkpoints(directory, read_only=True, warn=warn)
+            found = checkpoints.restore_latest(abstract_for)
+        finally:
+            logging.set_verbosity(verbosity)
+    if found is None or config is None:
         raise UserError(
             f"{workdir} has no intact checkpoint; train (or resume) it with "
             f"dae-jax train --workdir={workdir}",
             exit_code=1,
         )
-    state, meta = found
+    state, meta, legacy = found
+    params = state.params if legacy else jax.tree.map(lambda x: x[model], state.params)
+    graphdef = steps.abstract_state(config)[0]
     return Run(
-        model=nnx.merge(graphdef, state.params),
+        model=nnx.merge(graphdef, params),
         config=config,
         epoch=int(meta["epoch"]),
         step=int(meta["step"]),
         workdir=workdir,
+        member=model,
     )

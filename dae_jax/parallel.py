@@ -10,6 +10,7 @@ the batch and all-reduces the gradients (no pmap, no second code path).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -60,10 +61,14 @@ def is_primary() -> bool:
 
 
 def host(x: jax.Array) -> np.ndarray:
-    """A replicated array's value on this host (one local copy when it spans processes)."""
+    """An array's whole value on this host, also when it spans processes."""
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(x)
-    return np.asarray(x.addressable_data(0))
+    if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _global(value: Any, sharding: NamedSharding) -> Any:
@@ -78,21 +83,29 @@ def _global(value: Any, sharding: NamedSharding) -> Any:
 
 
 class Placement:
+    """Where a population's arrays live: one device, or a 2-D ``(models, data)`` mesh.
+
+    The models axis takes as many devices as divide both the device count and the
+    number of models K (their greatest common divisor); the data axis takes the rest,
+    and each step's batch is split over it. K = 1 on 8 devices is plain data
+    parallelism; K = 8 on 8 devices puts one model on each device."""
+
     def __init__(self, mesh: Mesh | None):
         self.mesh = mesh
 
     @classmethod
-    def for_training(cls, data_parallel: bool, batch_size: int) -> Placement:
-        """A mesh over all devices when there are several (or ``data_parallel``)."""
+    def for_population(cls, num_models: int, data_parallel: bool, batch_size: int) -> Placement:
         devices = jax.devices()
         if len(devices) == 1 and not data_parallel:
             return cls(None)
-        if batch_size % len(devices):
+        models = math.gcd(num_models, len(devices))
+        split = len(devices) // models
+        if batch_size % split:
             raise UserError(
-                f"train.batch_size={batch_size} does not split evenly over {len(devices)} "
-                f"devices; use a multiple of {len(devices)}"
+                f"train.batch_size={batch_size} does not split evenly over {split} devices; "
+                f"use a multiple of {split}"
             )
-        return cls(Mesh(np.asarray(devices), ("data",)))
+        return cls(Mesh(np.asarray(devices).reshape(models, split), ("models", "data")))
 
     @property
     def num_devices(self) -> int:
@@ -101,20 +114,28 @@ class Placement:
     def describe(self) -> str:
         if self.mesh is None:
             return f"one device ({jax.devices()[0].device_kind})"
-        return (
-            f"data-parallel over {self.mesh.size} devices "
-            f"({jax.devices()[0].device_kind}, {jax.process_count()} process(es))"
+        models, split = self.mesh.devices.shape
+        layout = (
+            f"data-parallel over {self.mesh.size} devices"
+            if models == 1
+            else f"{self.mesh.size} devices, {models} model groups x {split} data-parallel"
         )
+        return f"{layout} ({jax.devices()[0].device_kind}, {jax.process_count()} process(es))"
 
-    def replicated(self, tree: Any) -> Any:
-        """Every device holds all of it (parameters, optimizer state, images, keys)."""
+    def _put(self, tree: Any, spec: P) -> Any:
         if self.mesh is None:
             return jax.device_put(tree)
-        sharding = NamedSharding(self.mesh, P())
+        sharding = NamedSharding(self.mesh, spec)
         return jax.tree.map(lambda leaf: _global(leaf, sharding), tree)
 
-    def split_batches(self, order_SxB: jax.Array) -> jax.Array:
-        """Each step's example indices split over the devices along the batch axis."""
-        if self.mesh is None:
-            return order_SxB
-        return _global(order_SxB, NamedSharding(self.mesh, P(None, "data")))
+    def replicated(self, tree: Any) -> Any:
+        """Every device holds all of it (images, evaluation batches)."""
+        return self._put(tree, P())
+
+    def per_model(self, tree: Any) -> Any:
+        """Arrays with a leading models axis, split over the mesh's ``models`` axis."""
+        return self._put(tree, P("models"))
+
+    def orders(self, orders_KxSxB: jax.Array) -> jax.Array:
+        """Each model's epoch order, its batches split over the ``data`` axis."""
+        return self._put(orders_KxSxB, P("models", None, "data"))

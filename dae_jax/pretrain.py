@@ -28,65 +28,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dae_jax import corruption, data, losses, models, plots, report, train
+from dae_jax import corruption, data, losses, models, plots, report, step, train
 from dae_jax.errors import UserError
 
 STACK_NOISE = ("gaussian", "masking")
-
-
-def adam_epochs(
-    loss_fn: Callable[[Any, tuple[jax.Array, ...], jax.Array], jax.Array],
-    params: Any,
-    key: jax.Array,
-    data: tuple[jax.Array, ...],
-    *,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    score_fn: Callable[[Any], jax.Array] | None = None,
-) -> tuple[Any, jax.Array, jax.Array]:
-    """Adam on minibatches of ``data`` (arrays sharing axis 0), reshuffled every epoch.
-
-    ``loss_fn(params, batch, key)`` gets a fresh key per step. Returns the final
-    parameters, or with ``score_fn`` (higher is better, e.g. validation accuracy) those
-    of the best-scoring epoch; and the per-epoch mean losses and scores.
-    """
-    n = data[0].shape[0]
-    batch = min(batch_size, n)
-    steps = n // batch
-    optimizer = optax.adam(learning_rate)
-
-    def epoch(carry: tuple, epoch_key: jax.Array) -> tuple[tuple, tuple[jax.Array, jax.Array]]:
-        params, opt_state, best, best_score = carry
-        order_key, step_key = jax.random.split(epoch_key)
-        order = jax.random.permutation(order_key, n)[: steps * batch].reshape(steps, batch)
-
-        def step(carry: tuple, xs: tuple[jax.Array, jax.Array]) -> tuple[tuple, jax.Array]:
-            params, opt_state = carry
-            indices, i = xs
-            batch_data = tuple(a[indices] for a in data)
-            loss, grads = jax.value_and_grad(loss_fn)(
-                params, batch_data, jax.random.fold_in(step_key, i)
-            )
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
-
-        (params, opt_state), batch_losses = jax.lax.scan(
-            step, (params, opt_state), (order, jnp.arange(steps))
-        )
-        mean_loss = jnp.mean(batch_losses)
-        if score_fn is None:  # no selection: the last epoch's parameters are returned
-            return (params, opt_state, best, best_score), (mean_loss, -mean_loss)
-        score = score_fn(params)
-        better = score > best_score
-        best = jax.tree.map(lambda new, old: jnp.where(better, new, old), params, best)
-        return (params, opt_state, best, jnp.maximum(score, best_score)), (mean_loss, score)
-
-    init = (params, optimizer.init(params), params, jnp.float32(-jnp.inf))
-    (last, _, best, _), (epoch_losses, scores) = jax.lax.scan(
-        epoch, init, jax.random.split(key, epochs)
-    )
-    return (best if score_fn is not None else last), epoch_losses, scores
 
 
 # ------------------------------------------------------------------ pre-training
@@ -134,7 +79,7 @@ def pretrain_stack(
         # folded back into the encoder afterwards, so the stack sees raw codes.
         scale = jnp.float32(1.0) if first else jnp.std(inputs_NxD) + 1e-6
         loss_of = _layer_loss(graphdef, scale, first, noise_kind, level, loss)
-        params, _, _ = adam_epochs(
+        params, _, _ = step.minibatch_epochs(
             loss_of,
             params,
             train_key,
@@ -168,20 +113,18 @@ def _layer_loss(
 
 
 class Classifier(nnx.Module):
-    """A DAE's encoder (its layers, each followed by ReLU) and a linear softmax head."""
+    """A DAE's encoder (``model.encode``, whatever the model kind) and a linear softmax
+    head. The decoder's parameters ride along unused: their gradients are zero, so Adam
+    leaves them as they are."""
 
-    def __init__(self, encoder: nnx.List, code_size: int, *, flat: bool, rngs: nnx.Rngs):
-        self.encoder = encoder
-        self.flat = flat
+    def __init__(self, dae: models.Dae, code_size: int, *, rngs: nnx.Rngs):
+        self.dae = dae
         self.head = nnx.Linear(code_size, 10, rngs=rngs)
 
     def codes(self, x: jax.Array) -> jax.Array:
         if x.dtype == jnp.uint8:  # device-resident training images
             x = x.astype(jnp.float32) / 255.0
-        h = x.reshape(x.shape[0], -1) if self.flat else x.reshape(x.shape[0], *models.IMAGE_SHAPE)
-        for layer in self.encoder:
-            h = nnx.relu(layer(h))
-        return h.reshape(h.shape[0], -1)
+        return self.dae.encode(x)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.head(self.codes(x))
@@ -190,8 +133,7 @@ class Classifier(nnx.Module):
 def classifier_from(model: models.Dae, key: jax.Array) -> Classifier:
     """A classifier on ``model``'s encoder (its current weights) with a fresh head."""
     code_size = int(model.encode(jnp.zeros((1, *models.IMAGE_SHAPE))).shape[1])
-    flat = isinstance(model, models.MlpDae)
-    return Classifier(model.encoder, code_size, flat=flat, rngs=nnx.Rngs(key))
+    return Classifier(model, code_size, rngs=nnx.Rngs(key))
 
 
 def accuracy(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -221,7 +163,7 @@ def finetune(
         logits = nnx.merge(graphdef, params)(x)
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
-    return adam_epochs(
+    return step.minibatch_epochs(
         loss_of,
         params,
         key,

@@ -11,7 +11,6 @@ header saying how the numbers were made, then the script's table) and ``figures/
 from __future__ import annotations
 
 import csv
-import json
 import math
 import statistics
 import sys
@@ -22,8 +21,8 @@ from typing import Any
 
 import ml_collections
 
-from dae_jax import train
-from dae_jax.errors import UserError
+from dae_jax import runfiles
+from dae_jax.errors import Interrupted, UserError
 
 
 def where(device: dict[str, Any]) -> str:
@@ -53,7 +52,10 @@ def numbers(flag: str, values: Sequence[str], kind: type, example: str) -> list:
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN, NaN for no values; std 0 for one)."""
     values = list(values)
+    if not values:
+        return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -116,8 +118,8 @@ def write(
         "command": command,
         "seeds": list(seeds),
         "config": config.to_dict(),
-        "device": train.device_info(),
-        "versions": train.versions(),
+        "device": runfiles.device_info(),
+        "versions": runfiles.versions(),
         **extra,
     }
     device = info["device"]
@@ -130,8 +132,48 @@ def write(
     )
     (workdir / "results.md").write_text(header + "\n\n" + body.rstrip() + "\n")
     (workdir / "results.json").write_text(
-        json.dumps({**info, "rows": rows}, indent=1, default=float) + "\n"
+        runfiles.dumps({**info, "rows": rows}, indent=1, default=float) + "\n"
     )
+
+
+# Config keys a sweep sets per model itself, and the flag that gives them instead.
+SWEPT_KEYS = {
+    "seed": "a sweep sets it per model: give --seeds=0,1,2",
+    "noise.level": "a sweep sets it per model: give --levels=0.1,0.5",
+}
+
+
+def _config_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    lines = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            lines += _config_keys(value, f"{prefix}{key}.")
+        else:
+            lines.append(f"  --config.{prefix}{key}={value!r}")
+    return lines
+
+
+def _help(experiment: str, config: ml_collections.ConfigDict) -> str:
+    from absl import flags
+
+    main = sys.modules["__main__"]
+    doc = (main.__doc__ or experiment).strip()
+    own = [
+        flags.FLAGS.module_help(module)
+        for module in flags.FLAGS.flags_by_module_dict()
+        if module == sys.argv[0] or module.startswith("dae_jax")
+    ]
+    return "\n\n".join(
+        [doc, "flags:", *own, "config keys (defaults):", "\n".join(_config_keys(config))]
+    )
+
+
+def _refuse_owned(argv: Sequence[str], owns: Mapping[str, str]) -> None:
+    """A ``--config.KEY`` that the script sets itself is refused, naming what to use."""
+    for arg in argv[1:]:
+        key = arg[len("--config.") :].split("=", 1)[0] if arg.startswith("--config.") else ""
+        if key in owns:
+            raise UserError(f"--config.{key} does not apply here: {owns[key]}")
 
 
 def cli(
@@ -139,45 +181,78 @@ def cli(
     run: Callable[..., None],
     *,
     quick: Callable[[ml_collections.ConfigDict], None],
+    owns: Mapping[str, str] | None = None,
 ) -> None:
     """An absl main: parses the shared flags, validates the config, then calls
     ``run(config=..., seeds=..., workdir=..., quick=..., command=...)``; a user mistake
-    ends in one line on stderr. ``quick(config)`` shrinks the config for ``--quick``."""
-    from absl import app, flags
+    ends in one line on stderr. ``quick(config)`` shrinks the config for ``--quick``;
+    ``owns`` maps the config keys the script sets itself to what the user gives instead
+    (they are refused as ``--config.KEY``)."""
+    from absl import flags
     from ml_collections import config_flags
 
     from dae_jax.cli import DEFAULT_CONFIG
     from dae_jax.configs import validate
 
-    flags.DEFINE_string("workdir", None, "Directory for results and figures.", required=True)
+    flags.DEFINE_string("workdir", None, "Directory for results and figures (resumable).")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (one model per seed and setting).")
     flags.DEFINE_bool("quick", False, "Tiny data, few epochs, one seed: a smoke run.")
-    config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), lock_config=False)
-
-    def main(argv: Sequence[str]) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected argument {argv[1]!r}")
-        config = flags.FLAGS.config
-        workdir = Path(flags.FLAGS.workdir)
+    argv = sys.argv
+    try:
+        try:  # the config file is loaded, and its overrides applied, as it is defined
+            config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), lock_config=False)
+        except Exception as e:
+            raise UserError(_config_problem(argv, e)) from None
+        if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv[1:]):
+            flags.FLAGS(argv[:1])
+            print(_help(experiment, flags.FLAGS.config))
+            sys.exit(0)
+        _refuse_owned(argv, owns or {})
         try:
-            seeds = numbers("seeds", flags.FLAGS.seeds, int, "0,1,2")
-            if flags.FLAGS.quick:
-                quick(config)
-                seeds = seeds[:1]
-            validate(config)
-            train.prepare_workdir(workdir)
-            train.enable_compile_cache(config.compile_cache)
-            command = " ".join(["python", f"experiments/{experiment}.py", *sys.argv[1:]])
-            run(
-                config=config,
-                seeds=seeds,
-                workdir=workdir,
-                quick=flags.FLAGS.quick,
-                command=command,
-            )
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(e.exit_code)
-        print(f"Results: {workdir / 'results.md'}")
+            positional = flags.FLAGS(argv)[1:]
+            config = flags.FLAGS.config
+            config.to_dict()
+        except flags.Error as e:
+            raise UserError(f"{_one_line(e)} (--help lists the flags)") from None
+        except Exception as e:  # a config file or an override can raise anything
+            raise UserError(_config_problem(argv, e)) from None
+        if positional:
+            raise UserError(f"unexpected argument {positional[0]!r} (--help lists the flags)")
+        if not flags.FLAGS.workdir:
+            raise UserError("--workdir is required: the directory the results go to")
+        workdir = Path(flags.FLAGS.workdir)
+        seeds = numbers("seeds", flags.FLAGS.seeds, int, "0,1,2")
+        if flags.FLAGS.quick:
+            quick(config)
+            seeds = seeds[:1]
+        validate(config)
+        from dae_jax import engine
 
-    app.run(main)
+        runfiles.prepare_workdir(workdir)
+        engine.enable_compile_cache(config.compile_cache)
+        command = " ".join(["python", f"experiments/{experiment}.py", *argv[1:]])
+        run(config=config, seeds=seeds, workdir=workdir, quick=flags.FLAGS.quick, command=command)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(e.exit_code)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    print(f"Results: {workdir / 'results.md'}")
+
+
+def _config_problem(argv: Sequence[str], error: Exception) -> str:
+    """One line for a config that failed to load: an unknown key, or a broken file."""
+    keys = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    for key in keys:
+        if f"'{key.split('.')[-1]}'" in str(error):
+            return f"unknown config key {key!r} (--config.{key}); --help lists the config keys"
+    return f"cannot load the --config file: {_one_line(error)}"
+
+
+def _one_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines) if lines else type(error).__name__

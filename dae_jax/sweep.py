@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -26,22 +27,32 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dae_jax import data, metrics, plots, report, train
+from dae_jax import checkpointing, data, metrics, plots, report, runfiles, train
+from dae_jax.configs import validate
+from dae_jax.errors import UserError
 
 METRICS = ("psnr", "ssim", "mse")
 
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
-    """One family of models: a noise kind and a loss, swept over ``levels``."""
+    """One family of models: a noise kind and a loss (and, when the sweep varies it, a
+    learning rate), swept over ``levels``."""
 
     kind: str
     loss: str
     levels: tuple[float, ...]
+    learning_rate: float | None = None  # None: the config's
 
     @property
     def name(self) -> str:
-        return f"{self.kind}/{self.loss}"
+        lr = "" if self.learning_rate is None else f" lr={self.learning_rate:g}"
+        return f"{self.kind}/{self.loss}{lr}"
+
+    @property
+    def population(self) -> str:
+        """The directory of the population this arm trains in (one per kind and loss)."""
+        return f"{self.kind}-{self.loss}"
 
 
 def _noisy_test_images(
@@ -65,6 +76,64 @@ def _scores(images: jax.Array, clean: jax.Array) -> dict[str, float]:
     return {name: float(value) for name, value in _mean_scores(images, clean).items()}
 
 
+class _Stages:
+    """A sweep's finished stages (references, each population's scores) as JSON rows
+    under ``W/stages/``, written atomically: a resumed sweep skips what is done and
+    ends with the same ``results.csv`` as an uninterrupted one."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def rows(self, name: str, compute: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        path = self.directory / f"{name}.json"
+        done = runfiles.read_json(path)
+        if isinstance(done, list):
+            return [{**r, "value": float(r["value"])} for r in done]
+        rows = compute()
+        runfiles.write_json(path, rows)
+        return rows
+
+
+def _row(
+    experiment: str,
+    model: str,
+    arm: Arm | None,
+    level: float | None,
+    seed: int | None,
+    metric: str,
+    value: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "experiment": experiment,
+        "model": model,
+        "train_kind": arm.kind if arm else "",
+        "train_loss": arm.loss if arm else "",
+        "train_level": level if level is not None else "",
+        "seed": seed if seed is not None else "",
+        "metric": metric,
+        "value": value,
+        **extra,
+    }
+
+
+def _check_settings(workdir: Path, settings: dict[str, Any]) -> None:
+    """A sweep's workdir keeps the settings it was started with; others are refused."""
+    path = workdir / "sweep.json"
+    saved = runfiles.read_json(path)
+    if saved is not None and saved != json.loads(runfiles.dumps(settings)):
+        changed = sorted(
+            k for k in settings if saved.get(k) != json.loads(runfiles.dumps(settings[k]))
+        )
+        raise UserError(
+            f"--workdir={workdir} holds a sweep with other settings ({', '.join(changed)} "
+            "differ); resuming would mix two experiments: use a new --workdir, or the same "
+            "command as before"
+        )
+    runfiles.write_json(path, settings)
+
+
 def run(
     experiment: str,
     config: ml_collections.ConfigDict,
@@ -75,135 +144,206 @@ def run(
     log: Callable[[str], None] = print,
     command: str = "",
 ) -> list[dict[str, Any]]:
-    """Trains, evaluates and writes one experiment; returns its rows."""
+    """Trains, evaluates and writes one experiment; returns its rows. Run again on the
+    same workdir, it resumes: trained populations from their checkpoints (in
+    ``W/models/<kind>-<loss>/``, every model kept), finished scoring from ``W/stages/``."""
     workdir = Path(workdir)
-    (workdir / "figures").mkdir(parents=True, exist_ok=True)
+    runfiles.prepare_workdir(workdir)
+    with runfiles.WorkdirLock(workdir):
+        _check_settings(
+            workdir,
+            {
+                "experiment": experiment,
+                "config": checkpointing.plain(_without_speed_keys(config)),
+                "arms": [dataclasses.asdict(arm) for arm in arms],
+                "seeds": list(seeds),
+            },
+        )
+        return _run(experiment, config, arms, seeds, workdir, log, command)
+
+
+def _without_speed_keys(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config less what may change between a sweep's resumes (speed, logging)."""
+    out = ml_collections.ConfigDict(config.to_dict())
+    del out["compile_cache"]
+    out.train.log_every = out.train.scan_unroll = 0
+    return out
+
+
+def _run(
+    experiment: str,
+    config: ml_collections.ConfigDict,
+    arms: Sequence[Arm],
+    seeds: Sequence[int],
+    workdir: Path,
+    log: Callable[[str], None],
+    command: str,
+) -> list[dict[str, Any]]:
     started = time.perf_counter()
+    stages = _Stages(workdir / "stages")
     dataset = data.load(config.data, seed=config.seed)
     log(f"{experiment}: {dataset.name} from {dataset.source}, {len(dataset.train_images)} train")
     clean_test = train.to_float(jnp.asarray(dataset.test_images))
-    clean_train = train.to_float(jnp.asarray(dataset.train_images))
     eval_key = jax.random.key(config.seed + 10_000)  # the same noisy test set for every model
-    rows: list[dict[str, Any]] = []
-    examples: dict[str, Any] = {}
-
-    def add(model: str, arm: Arm | None, level: float | None, seed: int | None, **extra: Any):
-        for metric, value in extra.pop("values").items():
-            rows.append(
-                {
-                    "experiment": experiment,
-                    "model": model,
-                    "train_kind": arm.kind if arm else "",
-                    "train_loss": arm.loss if arm else "",
-                    "train_level": level if level is not None else "",
-                    "seed": seed if seed is not None else "",
-                    "metric": metric,
-                    "value": value,
-                    **extra,
-                }
-            )
-
-    pixels = metrics.linear_probe(
-        dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels
-    )
-    add(
-        "raw pixels",
-        None,
-        None,
-        None,
-        test_kind="",
-        test_level="",
-        values={"probe_accuracy": pixels["test_accuracy"]},
-    )
-    log(f"linear probe on raw pixels: test accuracy {pixels['test_accuracy']:.4f}")
-
-    test_grid = {(arm.kind, level) for arm in arms for level in arm.levels}
+    test_grid = sorted({(arm.kind, level) for arm in arms for level in arm.levels})
     noisy_by_test = {
         (kind, level): _noisy_test_images(
             kind, level, clean_test, bool(config.noise.clip), jax.random.fold_in(eval_key, i)
         )
-        for i, (kind, level) in enumerate(sorted(test_grid))
+        for i, (kind, level) in enumerate(test_grid)
     }
-    for (kind, level), noisy in sorted(noisy_by_test.items()):
-        add(
-            "noisy input",
-            None,
-            None,
-            None,
-            test_kind=kind,
-            test_level=level,
-            values=_scores(noisy, clean_test),
+    rows = stages.rows(
+        "references",
+        lambda: _reference_rows(experiment, dataset, noisy_by_test, clean_test, log),
+    )
+    examples: dict[str, Any] = {}
+    for population in dict.fromkeys(arm.population for arm in arms):
+        group = [arm for arm in arms if arm.population == population]
+        result, members = _train_population(config, group, seeds, workdir, dataset, log)
+        rows += stages.rows(
+            f"scores-{population}",
+            functools.partial(
+                _score_population, experiment, result, members, dataset, noisy_by_test, clean_test
+            ),
         )
-        for name, best in metrics.best_classical(noisy, clean_test).items():
-            add(
-                name,
-                None,
-                None,
-                None,
-                test_kind=kind,
-                test_level=level,
-                parameter=best["parameter"],
-                values={m: best[m] for m in METRICS},
-            )
+        for k, (arm, level, seed) in enumerate(members):
+            if seed == seeds[0]:
+                noisy = noisy_by_test[arm.kind, level]
+                examples[f"{arm.name} {level:g}"] = (noisy[:6], result.model(k)(noisy[:6]))
+        log(f"{population}: trained and evaluated {len(members)} models")
+    _write(
+        workdir, experiment, config, arms, seeds, rows, examples, clean_test[:6], started, command
+    )
+    return rows
 
-    for arm in arms:
-        arm_config = ml_collections.ConfigDict(config.to_dict())
-        arm_config.noise.kind, arm_config.loss = arm.kind, arm.loss
-        pairs = [(seed, level) for level in arm.levels for seed in seeds]
-        many = train.fit_many(
-            arm_config,
-            seeds=[s for s, _ in pairs],
-            levels=[lv for _, lv in pairs],
-            dataset=dataset,
-            log=log,
-        )
-        for k, (seed, level) in enumerate(pairs):
-            model = many.model(k)
-            add(
-                arm.name,
-                arm,
-                level,
-                seed,
-                test_kind="",
-                test_level="",
-                values={"final_train_loss": many.history[-1]["train_loss"][k]},
-            )
-            for test_kind, test_level in sorted(test_grid):
-                if test_kind != arm.kind:
-                    continue
-                noisy = noisy_by_test[test_kind, test_level]
-                denoised = model(noisy)
-                add(
+
+def _reference_rows(
+    experiment: str,
+    dataset: data.Dataset,
+    noisy_by_test: dict,
+    clean_test: jax.Array,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """The raw-pixel probe, the noisy input and the classical denoisers at each test level."""
+    pixels = metrics.linear_probe(
+        dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels
+    )
+    log(f"linear probe on raw pixels: test accuracy {pixels['test_accuracy']:.4f}")
+    rows = [
+        _row(
+            experiment,
+            "raw pixels",
+            None,
+            None,
+            None,
+            "probe_accuracy",
+            pixels["test_accuracy"],
+            test_kind="",
+            test_level="",
+        ),
+    ]
+    for (kind, level), noisy in sorted(noisy_by_test.items()):
+        at = {"test_kind": kind, "test_level": level}
+        for metric, value in _scores(noisy, clean_test).items():
+            rows.append(_row(experiment, "noisy input", None, None, None, metric, value, **at))
+        for name, best in metrics.best_classical(noisy, clean_test).items():
+            for metric in METRICS:
+                rows.append(
+                    _row(
+                        experiment,
+                        name,
+                        None,
+                        None,
+                        None,
+                        metric,
+                        best[metric],
+                        parameter=best["parameter"],
+                        **at,
+                    )
+                )
+    return rows
+
+
+def _train_population(
+    config: ml_collections.ConfigDict,
+    arms: list[Arm],
+    seeds: Sequence[int],
+    workdir: Path,
+    dataset: data.Dataset,
+    log: Callable[[str], None],
+):
+    """Every (arm, level, seed) of one kind and loss, trained as one resumable population."""
+    arm_config = ml_collections.ConfigDict(config.to_dict())
+    arm_config.noise.kind, arm_config.loss = arms[0].kind, arms[0].loss
+    members = [(arm, level, seed) for arm in arms for level in arm.levels for seed in seeds]
+    result = train.fit_many(
+        arm_config,
+        seeds=[seed for _, _, seed in members],
+        levels=[level for _, level, _ in members],
+        learning_rates=[
+            config.optim.learning_rate if arm.learning_rate is None else arm.learning_rate
+            for arm, _, _ in members
+        ],
+        workdir=workdir / "models" / arms[0].population,
+        dataset=dataset,
+        log=log,
+    )
+    return result, members
+
+
+def _score_population(
+    experiment: str,
+    result: train.Result,
+    members: list,
+    dataset: data.Dataset,
+    noisy_by_test: dict,
+    clean_test: jax.Array,
+) -> list[dict[str, Any]]:
+    """Each model's final train loss, its scores at every test level of its noise kind,
+    and a linear probe of its codes; a diverged model's epoch is recorded too."""
+    clean_train = train.to_float(jnp.asarray(dataset.train_images))
+    rows = []
+    for k, (arm, level, seed) in enumerate(members):
+        model = result.model(k)
+
+        def add(
+            metric: str,
+            value: float,
+            test_kind: Any = "",
+            test_level: Any = "",
+            arm: Arm = arm,
+            level: float = level,
+            seed: int = seed,
+        ) -> None:
+            rows.append(
+                _row(
+                    experiment,
                     arm.name,
                     arm,
                     level,
                     seed,
+                    metric,
+                    value,
                     test_kind=test_kind,
                     test_level=test_level,
-                    values=_scores(denoised, clean_test),
                 )
-                if seed == seeds[0] and test_level == level:
-                    examples[f"{arm.name} {level:g}"] = (noisy[:6], denoised[:6])
-            probe = metrics.linear_probe(
-                model.encode(clean_train),
-                dataset.train_labels,
-                model.encode(clean_test),
-                dataset.test_labels,
             )
-            add(
-                arm.name,
-                arm,
-                level,
-                seed,
-                test_kind="",
-                test_level="",
-                values={"probe_accuracy": probe["test_accuracy"]},
-            )
-        log(f"{arm.name}: trained and evaluated {len(pairs)} models")
 
-    _write(
-        workdir, experiment, config, arms, seeds, rows, examples, clean_test[:6], started, command
-    )
+        add("final_train_loss", result.final(k)["train_loss"])
+        if k in result.diverged:
+            add("diverged_in_epoch", float(result.diverged[k]["epoch"]))
+        for test_kind, test_level in sorted(noisy_by_test):
+            if test_kind == arm.kind:
+                denoised = model(noisy_by_test[test_kind, test_level])
+                for metric, value in _scores(denoised, clean_test).items():
+                    add(metric, value, test_kind, test_level)
+        probe = metrics.linear_probe(
+            model.encode(clean_train),
+            dataset.train_labels,
+            model.encode(clean_test),
+            dataset.test_labels,
+        )
+        add("probe_accuracy", probe["test_accuracy"])
     return rows
 
 
@@ -218,6 +358,18 @@ def summary_table(rows: list[dict[str, Any]], arms: Sequence[Arm]) -> list[dict[
     def pick(**want: Any) -> list[float]:
         return [r["value"] for r in rows if all(r.get(k) == v for k, v in want.items())]
 
+    def of_models(arm: Arm, level: float, metric: str, **at: Any) -> list[float]:
+        """The arm's values at ``level``, less those of models that diverged."""
+        return [
+            r["value"]
+            for r in rows
+            if r["model"] == arm.name
+            and r["train_level"] == level
+            and r["metric"] == metric
+            and r["seed"] not in diverged
+            and all(r.get(k) == v for k, v in at.items())
+        ]
+
     lines = []
     for arm in arms:
         for level in arm.levels:
@@ -226,21 +378,25 @@ def summary_table(rows: list[dict[str, Any]], arms: Sequence[Arm]) -> list[dict[
                 (pick(model=name, metric="psnr", **at) or [float("-inf")])[0]
                 for name in metrics.CLASSICAL
             )
-            psnr = pick(model=arm.name, train_level=level, metric="psnr", **at)
+            diverged = set(
+                r["seed"]
+                for r in rows
+                if r["model"] == arm.name
+                and r["train_level"] == level
+                and r["metric"] == "diverged_in_epoch"
+            )
+            psnr = of_models(arm, level, "psnr", **at)
             lines.append(
                 {
                     "arm": arm.name,
                     "level": level,
                     "psnr": report.mean_std(psnr),
-                    "ssim": report.mean_std(
-                        pick(model=arm.name, train_level=level, metric="ssim", **at)
-                    ),
+                    "ssim": report.mean_std(of_models(arm, level, "ssim", **at)),
                     "noisy_psnr": pick(model="noisy input", metric="psnr", **at)[0],
                     "best_classical_psnr": classical,
-                    "gain_db": statistics.fmean(psnr) - classical,
-                    "probe": report.mean_std(
-                        pick(model=arm.name, train_level=level, metric="probe_accuracy")
-                    ),
+                    "gain_db": (statistics.fmean(psnr) if psnr else math.nan) - classical,
+                    "probe": report.mean_std(of_models(arm, level, "probe_accuracy")),
+                    "diverged": len(diverged),
                 }
             )
     return lines
@@ -278,15 +434,18 @@ def _markdown(lines: list[dict[str, Any]], pixel_probe: float, header: str) -> s
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for line in lines:
+        total = line.get("diverged", 0)
+        arm = line["arm"] + (f" ({total} diverged, left out)" if total else "")
         out.append(
-            f"| {line['arm']} | {line['level']:g} | {_number(line['noisy_psnr'], 2)} | "
+            f"| {arm} | {line['level']:g} | {_number(line['noisy_psnr'], 2)} | "
             f"{_number(line['best_classical_psnr'], 2)} | {cell(line, 'psnr', 2)} | "
             f"{cell(line, 'gain_db', 2)} | {cell(line, 'ssim', 3)} | {cell(line, 'probe', 4)} |"
         )
     out += [
         "",
         f"Linear probe on raw pixels: {pixel_probe:.4f}. At level 0 the input is the clean "
-        "image, so its PSNR (and clipping's) is infinite and there is no gain to report.",
+        "image, so its PSNR (and clipping's) is infinite and there is no gain to report "
+        '(results.json writes it as the string "Infinity").',
     ]
     return "\n".join(out) + "\n"
 
@@ -295,8 +454,11 @@ def render(workdir: str | Path) -> None:
     """Rewrites ``results.md`` and the figures from ``results.json``, without retraining."""
     workdir = Path(workdir)
     results = json.loads((workdir / "results.json").read_text())
-    arms = [Arm(a["kind"], a["loss"], tuple(a["levels"])) for a in results["arms"]]
-    rows = results["rows"]
+    arms = [
+        Arm(a["kind"], a["loss"], tuple(a["levels"]), a.get("learning_rate"))
+        for a in results["arms"]
+    ]
+    rows = [{**r, "value": float(r["value"])} for r in results["rows"]]  # "Infinity" too
     header = (workdir / "results.md").read_text().split("\n\n| model |")[0]
     lines = summary_table(rows, arms)
     pixel_probe = next(r["value"] for r in rows if r["model"] == "raw pixels")
@@ -341,8 +503,8 @@ def _write(
         "seeds": list(seeds),
         "arms": [dataclasses.asdict(arm) for arm in arms],
         "config": config.to_dict(),
-        "device": train.device_info(),
-        "versions": train.versions(),
+        "device": runfiles.device_info(),
+        "versions": runfiles.versions(),
     }
     header = (
         f"# {experiment}\n\n"
@@ -356,7 +518,7 @@ def _write(
     )
     (workdir / "results.md").write_text(_markdown(lines, pixel_probe, header))
     (workdir / "results.json").write_text(
-        json.dumps({**info, "summary": lines, "rows": rows}, indent=1, default=float) + "\n"
+        runfiles.dumps({**info, "summary": lines, "rows": rows}, indent=1, default=float) + "\n"
     )
     plots.sweep_figures(workdir / "figures", rows, arms, lines, examples, np.asarray(clean))
 
@@ -364,14 +526,25 @@ def _write(
 # -------------------------------------------------------------- script entry
 
 
-def cli(experiment: str, make_arms: Callable[[ml_collections.ConfigDict], list[Arm]]) -> None:
+def cli(
+    experiment: str,
+    make_arms: Callable[[ml_collections.ConfigDict], list[Arm]],
+    owns: dict[str, str] | None = None,
+) -> None:
     """The shared command line of the sweep scripts (``report.cli``'s flags)::
 
     python experiments/NAME.py --workdir=W [--config=FILE] [--config.KEY=VALUE]
-                               [--seeds=0,1,2] [--quick]
+                               [--seeds=0,1,2] [--levels=...] [--learning_rates=...] [--quick]
 
     ``--quick``: 1024 train / 256 test images, 1 epoch, 2 levels per arm, 1 seed.
+    ``--levels`` replaces every arm's levels; ``--learning_rates`` trains every arm at
+    each rate (in the same compiled program; each rate is an arm of its own in the
+    tables). The same command on the same workdir resumes an interrupted sweep.
     """
+    from absl import flags
+
+    flags.DEFINE_list("levels", [], "Noise levels of every arm (default: the script's).")
+    flags.DEFINE_list("learning_rates", [], "Learning rates, each an arm (default: the config's).")
 
     def quick(config: ml_collections.ConfigDict) -> None:
         config.data.train_size, config.data.test_size = 1024, 256
@@ -385,8 +558,21 @@ def cli(experiment: str, make_arms: Callable[[ml_collections.ConfigDict], list[A
         command: str,
     ) -> None:
         arms = make_arms(config)
-        if quick:
+        levels = report.numbers("levels", flags.FLAGS.levels, float, "0.1,0.5")
+        rates = report.numbers("learning_rates", flags.FLAGS.learning_rates, float, "1e-3,3e-3")
+        if levels:
+            arms = [dataclasses.replace(arm, levels=tuple(levels)) for arm in arms]
+        elif quick:
             arms = [dataclasses.replace(arm, levels=arm.levels[:2]) for arm in arms]
+        if rates:
+            arms = [dataclasses.replace(arm, learning_rate=r) for arm in arms for r in rates]
+        for arm in arms:  # every level and rate is valid for its arm, before anything runs
+            for level in arm.levels:
+                check = ml_collections.ConfigDict(config.to_dict())
+                check.noise.kind, check.noise.level, check.loss = arm.kind, level, arm.loss
+                if arm.learning_rate is not None:
+                    check.optim.learning_rate = arm.learning_rate
+                validate(check)
         run(experiment, config, arms, seeds, workdir, command=command)
 
-    report.cli(experiment, run_sweep, quick=quick)
+    report.cli(experiment, run_sweep, quick=quick, owns={**report.SWEPT_KEYS, **(owns or {})})

@@ -17,4 +17,5 @@ if __name__ == "__main__":
             sweep.Arm(kind, config.loss, LEVELS)
             for kind in ("gaussian", "masking", "salt_and_pepper")
         ],
+        owns={"noise.kind": "this script trains every noise kind itself"},
     )

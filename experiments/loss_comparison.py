@@ -15,4 +15,8 @@ if __name__ == "__main__":
     sweep.cli(
         "loss_comparison",
         lambda config: [sweep.Arm("gaussian", loss, LEVELS) for loss in ("mse", "bce")],
+        owns={
+            "loss": "this script trains both losses itself",
+            "noise.kind": "this script compares losses under Gaussian noise",
+        },
     )

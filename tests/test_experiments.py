@@ -37,13 +37,60 @@ def _run_quick(script: str, workdir, *flags: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.fixture(scope="module")
+def noise_sweep_run(tmp_path_factory):
+    """An uninterrupted quick noise sweep."""
+    workdir = tmp_path_factory.mktemp("noise_sweep")
+    _run_quick("noise_sweep", workdir)
+    return workdir
+
+
+def test_a_killed_sweep_resumes_to_the_same_results(noise_sweep_run, tmp_path):
+    """kill -9 while the population trains, then the same command: the sweep continues
+    from its checkpoints and stages, and its results.csv is identical to an
+    uninterrupted run's; every model is kept and restorable."""
+    import os
+    import signal
+    import sys
+    import time
+
+    import dae_jax
+    from tests.conftest import REPO
+
+    command = [
+        sys.executable, "experiments/noise_sweep.py", f"--workdir={tmp_path}", "--quick",
+        "--config.data.name=synthetic", "--config.compile_cache=",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    population = tmp_path / "models" / "gaussian-mse"
+    deadline = time.monotonic() + 300
+    while not (population / "metrics.jsonl").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate()
+    assert not (tmp_path / "results.csv").exists()
+    _run_quick("noise_sweep", tmp_path)
+    assert (tmp_path / "results.csv").read_text() == (noise_sweep_run / "results.csv").read_text()
+    run = dae_jax.restore(population, model=1, warn=lambda line: None)
+    assert run.config.noise.level == 0.1 and run.config.noise.kind == "gaussian"
+    # The same command once more: everything is done, nothing is retrained.
+    again = _quick("noise_sweep", tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "is already trained for 1 epochs" in again.stdout
+    assert (tmp_path / "results.csv").read_text() == (noise_sweep_run / "results.csv").read_text()
+
+
 @pytest.mark.parametrize(
     ("script", "flags"),
     [(script, ()) for script in sorted(ARMS)] + [("noise_sweep", CONV)],
     ids=[*sorted(ARMS), "noise_sweep-conv"],
 )
-def test_quick_run_writes_every_promised_file(tmp_path, script, flags):
-    _run_quick(script, tmp_path, *flags)
+def test_quick_run_writes_every_promised_file(tmp_path, script, flags, request):
+    if script == "noise_sweep" and not flags:
+        tmp_path = request.getfixturevalue("noise_sweep_run")  # shared with the resume test
+    else:
+        _run_quick(script, tmp_path, *flags)
     with (tmp_path / "results.csv").open() as file:
         rows = list(csv.DictReader(file))
     models = {r["model"] for r in rows}
@@ -135,6 +182,44 @@ def test_anomaly_quick_run(tmp_path):
             "error: --seeds=0,x is not a list of ints; give e.g. --seeds=0,1,2",
         ),
         (
+            "noise_sweep",
+            "--config.train.lr=1",
+            "error: unknown config key 'train.lr' (--config.train.lr); --help lists the config keys",
+        ),
+        (
+            "noise_sweep",
+            "--config.noise.level=0.3",
+            "error: --config.noise.level does not apply here: a sweep sets it per model: "
+            "give --levels=0.1,0.5",
+        ),
+        (
+            "noise_sweep",
+            "--config.seed=3",
+            "error: --config.seed does not apply here: a sweep sets it per model: "
+            "give --seeds=0,1,2",
+        ),
+        (
+            "noise_sweep",
+            "--levels=0.1,x",
+            "error: --levels=0.1,x is not a list of floats; give e.g. --levels=0.1,0.5",
+        ),
+        (
+            "noise_sweep",
+            "--learning_rates=-1",
+            "error: config optim.learning_rate=-1.0 is invalid: must be a finite number > 0",
+        ),
+        (
+            "corruption_types",
+            "--config.noise.kind=masking",
+            "error: --config.noise.kind does not apply here: this script trains every noise "
+            "kind itself",
+        ),
+        (
+            "loss_comparison",
+            "--config.loss=bce",
+            "error: --config.loss does not apply here: this script trains both losses itself",
+        ),
+        (
             "anomaly",
             "--classes=shirt",
             "error: --classes=shirt is not a list of ints; give e.g. --classes=0,6",
@@ -181,3 +266,31 @@ def test_bad_script_flags_end_in_one_line(tmp_path, script, flag, line):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [line]
+
+
+def test_sweep_help_shows_its_own_flags_and_the_config_keys():
+    result = run_python("experiments/noise_sweep.py", "--help", timeout=120)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--levels", "--learning_rates", "--seeds", "--workdir", "--quick"):
+        assert flag in result.stdout, flag
+    assert "--config.noise.kind='gaussian'" in result.stdout
+
+
+def test_noise_kind_and_learning_rates_take_effect(tmp_path):
+    """--config.noise.kind and --learning_rates change what trains, and the record says so."""
+    _run_quick(
+        "noise_sweep", tmp_path, "--config.noise.kind=masking", "--levels=0.25",
+        "--learning_rates=1e-3,1e30",
+    )  # fmt: skip
+    rows = _csv(tmp_path / "results.csv")
+    models = {r["model"] for r in rows if r["train_kind"]}
+    assert models == {"masking/mse lr=0.001", "masking/mse lr=1e+30"}
+    assert {r["test_kind"] for r in rows if r["metric"] == "psnr"} == {"masking"}
+    diverged = [r for r in rows if r["metric"] == "diverged_in_epoch"]
+    assert [r["model"] for r in diverged] == ["masking/mse lr=1e+30"]
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| masking/mse lr=1e+30 (1 diverged, left out) | 0.25 |" in markdown
+    text = (tmp_path / "results.json").read_text()
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in results.json"))
+    settings = json.loads((tmp_path / "sweep.json").read_text())
+    assert settings["config"]["noise"]["kind"] == "masking"

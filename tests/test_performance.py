@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, TINY_FLAGS, run_cli, run_python
 
 
@@ -132,18 +134,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_as_one_run(tmp_path):
+@pytest.mark.parametrize("models", [0, 2], ids=["one-model", "population-of-2"])
+def test_two_processes_train_as_one_run(tmp_path, models):
+    """A run (or a sweep's population: one model per process) over two processes ends
+    with the parameters of the same run in one process."""
     import jax
     import numpy as np
 
     worker = [sys.executable, "-m", "tests.multihost_worker"]
-    alone = run_python(*worker[1:], str(tmp_path / "alone"), str(tmp_path / "alone_{}.npz"))
+    extra = [str(models)] if models else []
+    alone = run_python(*worker[1:], str(tmp_path / "alone"), str(tmp_path / "alone_{}.npz"), *extra)
     assert alone.returncode == 0, alone.stderr
 
     port = _free_port()
     processes = [
         subprocess.Popen(
-            [*worker, str(tmp_path / "together"), str(tmp_path / "together_{}.npz")],
+            [*worker, str(tmp_path / "together"), str(tmp_path / "together_{}.npz"), *extra],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -160,7 +166,8 @@ def test_two_processes_train_as_one_run(tmp_path):
     outputs = [p.communicate(timeout=300) for p in processes]
     for process, (_, stderr) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, stderr
-    assert "data-parallel over 2 devices (cpu, 2 process(es))" in outputs[0][0]
+    layout = "2 devices, 2 model groups x 1" if models else "data-parallel over 2 devices"
+    assert f"{layout} (cpu, 2 process(es))" in outputs[0][0]
     assert "Train Epoch" in outputs[0][0]
     assert "Train Epoch" not in outputs[1][0]  # only process 0 speaks and writes
 
@@ -172,11 +179,12 @@ def test_two_processes_train_as_one_run(tmp_path):
     # The checkpoint both processes wrote restores to the same parameters.
     import dae_jax
 
-    restored = jax.tree.leaves(dae_jax.restore(tmp_path / "together").model)
+    restored = jax.tree.leaves(dae_jax.restore(tmp_path / "together", model=models - 1).model)
     for name, leaf in zip(rank0.files, restored, strict=True):
-        np.testing.assert_array_equal(rank0[name], leaf)
+        np.testing.assert_array_equal(rank0[name][-1] if models else rank0[name], leaf)
     events = (tmp_path / "together" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(e)["event"] for e in events] == ["start", "compile", "epoch", "end"]
+    epochs = ["epoch"] * max(models, 1)
+    assert [json.loads(e)["event"] for e in events] == ["start", "compile", *epochs, "end"]
 
 
 def test_incomplete_launcher_environment_is_one_clear_error():

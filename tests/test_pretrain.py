@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dae_jax import anomaly, data, models, pretrain, train
+from dae_jax import anomaly, data, models, pretrain, step, train
 from tests.conftest import tiny_config
 
 
@@ -93,7 +93,7 @@ def test_stacked_pretraining_gives_one_encoder_per_layer_and_lowers_each_loss():
         )
 
 
-def test_adam_epochs_is_deterministic_and_vmaps_over_seeds():
+def test_minibatch_epochs_is_deterministic_and_vmaps_over_seeds():
     x, _ = _separable(128)
     data_ = (x.reshape(128, -1),)
 
@@ -104,7 +104,7 @@ def test_adam_epochs_is_deterministic_and_vmaps_over_seeds():
     params = {"w": jnp.ones((784, 2)) * 0.01}
 
     def run(key):
-        return pretrain.adam_epochs(
+        return step.minibatch_epochs(
             loss_fn, params, key, data_, epochs=2, batch_size=32, learning_rate=1e-2
         )[0]["w"]
 
@@ -140,7 +140,7 @@ def test_fit_many_trains_each_model_on_its_own_images():
     two = train.fit_many(
         config, seeds=[0, 0], levels=[0.5, 0.5], dataset=dataset, train_indices=subsets
     )
-    assert not np.allclose(two.history[0]["train_loss"][0], two.history[0]["train_loss"][1])
+    assert not np.allclose(two.final(0)["train_loss"], two.final(1)["train_loss"])
     with pytest.raises(Exception, match="same size"):
         train.fit_many(
             config,
@@ -149,3 +149,32 @@ def test_fit_many_trains_each_model_on_its_own_images():
             dataset=dataset,
             train_indices=[np.arange(10), np.arange(11)],
         )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"model.tied_weights": True},
+        {"model.kind": "conv", "model.channels": (4, 8)},
+        {"model.kind": "conv", "model.channels": (4, 8), "model.convs_per_level": 2},
+        {
+            "model.kind": "conv",
+            "model.channels": (4, 8, 8),
+            "model.skip": True,
+            "model.convs_per_level": 2,
+        },
+    ],
+    ids=["mlp", "mlp-tied", "conv", "conv-x2", "conv-skip-x2"],
+)
+def test_fine_tuning_classifier_uses_the_models_own_encoder(overrides):
+    """The classifier's codes are ``model.encode`` for every model kind (an earlier copy
+    of the conv encoder skipped ``convs_per_level``'s extra layers)."""
+    model = models.create(tiny_config(**overrides), key=jax.random.key(0))
+    x, _ = _separable(8)
+    classifier = pretrain.classifier_from(model, jax.random.key(1))
+    np.testing.assert_array_equal(classifier.codes(x), model.encode(x))
+    uint8 = (np.asarray(x) * 255).astype(np.uint8)
+    np.testing.assert_allclose(
+        classifier.codes(jnp.asarray(uint8)), model.encode(uint8 / 255.0), rtol=1e-6, atol=1e-6
+    )

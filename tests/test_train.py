@@ -86,7 +86,7 @@ def test_fit_many_matches_single_runs(tiny, tmp_path):
     many = train.fit_many(
         tiny(), seeds=seeds, levels=levels, dataset=dataset, log=lambda line: None
     )
-    assert len(many.history) == 2 and len(many.history[-1]["train_loss"]) == 3
+    assert len(many.history) == 2 * 3 and [r["model"] for r in many.history[-3:]] == [0, 1, 2]
     for k, (seed, level) in enumerate(zip(seeds, levels, strict=True)):
         config = tiny(seed=seed, **{"noise.level": level})
         single = train.fit(config, tmp_path / str(k), dataset=dataset, log=lambda line: None)
@@ -94,7 +94,7 @@ def test_fit_many_matches_single_runs(tiny, tmp_path):
             jax.tree.leaves(single.state.params), jax.tree.leaves(many.model(k)), strict=True
         ):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-        assert many.history[-1]["train_loss"][k] == pytest.approx(
+        assert many.final(k)["train_loss"] == pytest.approx(
             single.summary["final"]["train_loss"], rel=1e-5
         )
 
@@ -102,5 +102,7 @@ def test_fit_many_matches_single_runs(tiny, tmp_path):
 def test_fit_many_checks_its_levels(tiny):
     with pytest.raises(UserError, match="config noise.level=1.5 is invalid"):
         train.fit_many(tiny(**{"noise.kind": "masking"}), seeds=[0], levels=[1.5])
-    with pytest.raises(UserError, match="one seed per level; got 2 and 1"):
+    with pytest.raises(
+        UserError, match="one seed per level \\(and learning rate\\); got 2, 1 and 2"
+    ):
         train.fit_many(tiny(), seeds=[0, 1], levels=[0.5])

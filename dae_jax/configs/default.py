@@ -66,4 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 1000
     config.eval.num_figure_images = 8  # columns of figures/denoising.png
+
+    # W/tensorboard/ event files: per-epoch losses, PSNR, SSIM, speed, the figure.
+    config.tensorboard = True
+    # Trace this many training steps (after the first chunk) into W/profile/; 0 = off.
+    config.profile_steps = 0
     return config

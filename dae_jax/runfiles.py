@@ -1,0 +1,341 @@
+"""What a run writes beside its checkpoints: the workdir and its lock, config.json,
+metrics.jsonl, summary.json, and the facts (versions, device) those files record.
+
+In a multi-process run only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import platform
+import socket
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import jax
+import numpy as np
+
+from dae_jax import parallel
+from dae_jax.errors import UserError
+
+# What a dae_jax workdir may hold; anything else means the directory is someone else's.
+RUN_FILES = {
+    ".lock",
+    "config.json",
+    "metrics.jsonl",
+    "summary.json",
+    "population.json",
+    "checkpoints",
+    "damaged_checkpoints",
+    "figures",
+    "evaluation",
+    "tensorboard",
+    "profile",
+    "models",
+    "stages",
+    "results.csv",
+    "results.json",
+    "results.md",
+}
+
+
+def _json_safe(value: Any) -> Any:
+    """Floats that JSON cannot hold (inf, nan) as strings: ``"Infinity"``, ``"NaN"``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """Strict JSON (no bare ``Infinity``/``NaN``: those become strings)."""
+    return json.dumps(_json_safe(value), allow_nan=False, **kwargs)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Writes ``path`` atomically (a kill leaves the old file or the new one)."""
+    if not parallel.is_primary():
+        return
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(dumps(value, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> Any:
+    """``path``'s JSON, or None when it is missing or damaged."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _is_run_file(name: str) -> bool:
+    return name in RUN_FILES or name.startswith("metrics.") or name.endswith(".tmp")
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Creates ``workdir`` (and ``figures/``); refuses a file, an unwritable place, the
+    filesystem root, and a non-empty directory that is not a dae_jax workdir."""
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir={workdir} is a file; give a directory (new or existing)")
+    if workdir.resolve() == Path(workdir.resolve().anchor):
+        raise UserError(f"--workdir={workdir} is the filesystem root; give a directory of its own")
+    if workdir.is_dir():
+        foreign = sorted(p.name for p in workdir.iterdir() if not _is_run_file(p.name))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (
+                f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            )
+            raise UserError(
+                f"--workdir={workdir} is not empty and is not a dae_jax workdir (it holds "
+                f"{shown}); give a new or empty directory"
+            )
+        has_config = (workdir / "config.json").exists()
+        has_checkpoints = (workdir / "checkpoints").is_dir()
+        if has_config and not has_checkpoints and not (workdir / "metrics.jsonl").exists():
+            raise UserError(
+                f"--workdir={workdir} holds a config.json that no dae_jax run wrote (no "
+                "checkpoints/, no metrics.jsonl); give a new or empty directory"
+            )
+    try:
+        (workdir / "figures").mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"--workdir={workdir} is not writable ({e.strerror}); give another"
+        ) from None
+
+
+class WorkdirLock:
+    """One writer per workdir: an exclusive ``flock`` on ``W/.lock``, which names its
+    holder. The kernel releases it when the process dies (kill -9 included). In a
+    multi-process run process 0 holds it."""
+
+    def __init__(self, workdir: Path):
+        self.path = workdir / ".lock"
+        self.file: IO[str] | None = None
+
+    def __enter__(self) -> WorkdirLock:
+        if not parallel.is_primary():
+            return self
+        file = self.path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise UserError(
+                f"{self.path.parent} is in use by {holder}; wait for it to finish (or stop "
+                "it), or use another --workdir",
+                exit_code=1,
+            ) from None
+        file.seek(0)
+        file.truncate()
+        file.write(
+            f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}\n"
+        )
+        file.flush()
+        self.file = file
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.file is not None:
+            self.file.truncate(0)
+            self.file.close()  # closing releases the lock
+            self.file = None
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``metrics.jsonl``, flushed as it goes."""
+
+    def __init__(self, path: Path):
+        self.file = path.open("a", encoding="utf-8") if parallel.is_primary() else None
+
+    def write(self, event: str, **values: Any) -> None:
+        if self.file is not None:
+            self.file.write(dumps({"event": event, **values}) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def rewind_metrics(path: Path, step: int, warn: Any = print) -> list[dict[str, Any]]:
+    """Cuts ``metrics.jsonl`` back to a checkpoint at global ``step``: drops what came after
+    it and any line a kill cut short. Returns the epoch records kept.
+
+    A file that cannot be read as text (binary damage, a directory in its place) is set
+    aside as ``metrics.damaged-<time>.jsonl`` and the run goes on with a new one."""
+    if not path.exists() and not path.is_symlink():
+        return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "not UTF-8 text"
+        backup = path.with_name(f"metrics.damaged-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        if parallel.is_primary():
+            path.replace(backup)
+        warn(
+            f"warning: {path} is damaged ({reason}); set aside as {backup.name}, starting a new one"
+        )
+        return []
+    kept: list[str] = []
+    history: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
+            continue
+        if record.get("step", 0) > step:
+            continue
+        if record.get("event") == "epoch":
+            history.append({k: v for k, v in record.items() if k != "event"})
+        kept.append(line)
+    if parallel.is_primary():
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
+    return history
+
+
+def versions() -> dict[str, str]:
+    import flax
+    import optax
+
+    from dae_jax import __version__
+
+    return {
+        "dae_jax": __version__,
+        "jax": jax.__version__,
+        "jaxlib": getattr(jax.lib, "__version__", ""),
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "orbax_checkpoint": ocp_version(),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def ocp_version() -> str:
+    import orbax.checkpoint as ocp
+
+    return str(getattr(ocp, "__version__", ""))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info() -> dict[str, Any]:
+    device = jax.devices()[0]
+    return {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+# The epoch record's numbers that go to TensorBoard, as scalars named by their key.
+TENSORBOARD_SCALARS = (
+    "train_loss",
+    "test_loss",
+    "test_psnr_noisy",
+    "test_psnr_denoised",
+    "test_ssim_noisy",
+    "test_ssim_denoised",
+    "examples_per_second",
+    "epoch_seconds",
+)
+
+
+class TensorBoard:
+    """``W/tensorboard/`` event files (tensorboardX: no TensorFlow needed), one run per
+    member of a population (``model-<k>/``); ``tensorboard --logdir W`` shows them."""
+
+    def __init__(self, directory: Path, members: int, enabled: bool):
+        self.writers: list[Any] = []
+        if enabled and parallel.is_primary():
+            from tensorboardX import SummaryWriter
+
+            self.writers = [
+                SummaryWriter(str(directory if members == 1 else directory / f"model-{k}"))
+                for k in range(members)
+            ]
+
+    def epoch(self, k: int, record: dict[str, Any]) -> None:
+        if self.writers:
+            for key in TENSORBOARD_SCALARS:
+                if key in record:
+                    self.writers[k].add_scalar(key, record[key], record["epoch"])
+
+    def image(self, k: int, tag: str, path: Path, step: int) -> None:
+        """A written figure (PNG) as an image, e.g. the denoising figure."""
+        if self.writers and path.exists():
+            from PIL import Image
+
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
+            self.writers[k].add_image(tag, pixels, step, dataformats="HWC")
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        self.writers = []
+
+
+class Profiler:
+    """Traces ``steps`` training steps with ``jax.profiler`` into ``directory``, starting
+    after the first chunk (compiling and warm-up are not in it). View the trace in
+    TensorBoard's profile plugin or at ui.perfetto.dev."""
+
+    def __init__(self, steps: int, directory: Path, say: Any):
+        self.steps, self.directory, self.say = steps, directory, say
+        self.chunks_seen, self.traced, self.active = 0, 0, False
+
+    def before_chunk(self) -> None:
+        if self.steps and not self.active and self.traced == 0 and self.chunks_seen >= 1:
+            import jax.profiler
+
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def after_chunk(self, length: int, outputs: Any) -> None:
+        self.chunks_seen += 1
+        if not self.active:
+            return
+        self.traced += length
+        if self.traced >= self.steps:
+            self.stop(outputs)
+
+    def stop(self, outputs: Any = None) -> None:
+        if self.active:
+            import jax.profiler
+
+            jax.block_until_ready(outputs)
+            jax.profiler.stop_trace()
+            self.active = False
+            self.say(f"Profiled {self.traced} training steps into {self.directory}")

@@ -1,0 +1,376 @@
+"""The pure half of training: state, the train step, the scanned chunk, evaluation. No I/O.
+
+Key streams: ``jax.random.key(seed)`` splits into ``init``, ``shuffle``, ``noise`` and
+``eval``. The epoch order is ``permutation(fold_in(shuffle, epoch))`` and a step's noise
+is ``fold_in(noise, global_step)``, so every random choice is a function of the seed
+and the position in training: a run is fixed bit for bit.
+
+A *population* is K models trained together: their states are stacked on a leading
+axis and ``population_chunk`` is ``jax.vmap`` of ``train_chunk`` over them. Each model
+has its own keys, data order and traced hyperparameters (``Hyper``: noise level and
+learning rate), so any mix of levels and learning rates shares one compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from dae_jax import corruption, data, losses, metrics, models
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # global step, int32 scalar
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+class KeyStreams(NamedTuple):
+    init: jax.Array
+    shuffle: jax.Array
+    noise: jax.Array
+    eval: jax.Array
+
+
+class Hyper(NamedTuple):
+    """A model's traced hyperparameters (scalars; ``[K]`` in a population)."""
+
+    level: jax.Array
+    learning_rate: jax.Array
+
+
+def key_streams(seed_or_root: int | jax.Array) -> KeyStreams:
+    """The run's named key streams, from its seed or its root key."""
+    root = jax.random.key(seed_or_root) if isinstance(seed_or_root, int) else seed_or_root
+    return KeyStreams(*jax.random.split(root, 4))
+
+
+def make_optimizer(learning_rate: float | jax.Array) -> optax.GradientTransformation:
+    """Adam; the learning rate may be a traced value (its state does not hold it)."""
+    return optax.adam(learning_rate)
+
+
+def init_state(
+    config: ml_collections.ConfigDict, key: jax.Array
+) -> tuple[nnx.GraphDef, TrainState]:
+    model = models.create(config, key=key)
+    graphdef, params = nnx.split(model)
+    opt_state = make_optimizer(config.optim.learning_rate).init(params)
+    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+
+
+def abstract_state(
+    config: ml_collections.ConfigDict, num_models: int | None = None
+) -> tuple[nnx.GraphDef, TrainState]:
+    """The graph and the shapes of a fresh train state (stacked ``[num_models, ...]``
+    when given), without computing it."""
+    graphdefs = []
+
+    def init() -> TrainState:
+        graphdef, state = init_state(config, jax.random.key(0))
+        graphdefs.append(graphdef)
+        return state
+
+    abstract = jax.eval_shape(init)
+    if num_models is not None:
+        abstract = jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct((num_models, *leaf.shape), leaf.dtype), abstract
+        )
+    return graphdefs[0], abstract
+
+
+def to_float(images_u8: jax.Array) -> jax.Array:
+    return images_u8.astype(jnp.float32) / 255.0
+
+
+def scan_unroll(config: ml_collections.ConfigDict) -> int:
+    unroll = int(config.train.get("scan_unroll", 0))
+    if unroll:
+        return unroll
+    conv_on_cpu = config.model.get("kind", "mlp") == "conv" and jax.default_backend() == "cpu"
+    return 1_000_000 if conv_on_cpu else 1  # lax.scan unrolls at most the whole chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The static half of training: what the compiled programs close over."""
+
+    graphdef: nnx.GraphDef
+    loss: str
+    noise_kind: str
+    clip: bool
+    unroll: int = 1  # lax.scan unroll: speed only (fewer loop iterations per chunk)
+    optimizer: Callable[[jax.Array], optax.GradientTransformation] = make_optimizer
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef) -> Setup:
+        return cls(
+            graphdef=graphdef,
+            loss=config.loss,
+            noise_kind=config.noise.kind,
+            clip=bool(config.noise.clip),
+            unroll=scan_unroll(config),
+        )
+
+    def corrupt(self, key: jax.Array, clean: jax.Array, level: jax.Array) -> jax.Array:
+        return corruption.corrupt(self.noise_kind, key, clean, level, clip=self.clip)[0]
+
+    def loss_per_example(self, params: nnx.State, noisy: jax.Array, clean: jax.Array):
+        model = nnx.merge(self.graphdef, params)
+        return losses.PER_EXAMPLE[self.loss](model.logits(noisy), clean)
+
+
+def _all_finite(tree: object) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def optimizer_step(
+    optimizer: optax.GradientTransformation,
+    loss_of: Callable[[Any], jax.Array],
+    params: Any,
+    opt_state: optax.OptState,
+) -> tuple[Any, optax.OptState, jax.Array]:
+    """One gradient step on ``loss_of(params)``: the building block of every loop here
+    (training, pre-training, fine-tuning)."""
+    loss, grads = jax.value_and_grad(loss_of)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+def train_step(
+    setup: Setup, state: TrainState, clean: jax.Array, key: jax.Array, hyper: Hyper
+) -> tuple[TrainState, jax.Array]:
+    """One Adam step on a batch of clean images in [0, 1], corrupted with ``key``."""
+    noisy = setup.corrupt(key, clean, hyper.level)
+
+    def loss_of(params: nnx.State) -> jax.Array:
+        return jnp.mean(setup.loss_per_example(params, noisy, clean))
+
+    optimizer = setup.optimizer(hyper.learning_rate)
+    params, opt_state, loss = optimizer_step(optimizer, loss_of, state.params, state.opt_state)
+    return TrainState(state.step + 1, params, opt_state), loss
+
+
+def minibatch_epochs(
+    loss_fn: Callable[[Any, tuple[jax.Array, ...], jax.Array], jax.Array],
+    params: Any,
+    key: jax.Array,
+    data: tuple[jax.Array, ...],
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    score_fn: Callable[[Any], jax.Array] | None = None,
+) -> tuple[Any, jax.Array, jax.Array]:
+    """Adam on minibatches of ``data`` (arrays sharing axis 0), reshuffled every epoch,
+    as one ``lax.scan`` of ``optimizer_step`` per epoch (pre-training, fine-tuning).
+
+    ``loss_fn(params, batch, key)`` gets a fresh key per step. Returns the final
+    parameters, or with ``score_fn`` (higher is better, e.g. validation accuracy) those
+    of the best-scoring epoch; and the per-epoch mean losses and scores.
+    """
+    n = data[0].shape[0]
+    batch = min(batch_size, n)
+    steps = n // batch
+    optimizer = make_optimizer(learning_rate)
+
+    def epoch(carry: tuple, epoch_key: jax.Array) -> tuple[tuple, tuple[jax.Array, jax.Array]]:
+        params, opt_state, best, best_score = carry
+        order_key, step_key = jax.random.split(epoch_key)
+        order = jax.random.permutation(order_key, n)[: steps * batch].reshape(steps, batch)
+
+        def step(carry: tuple, xs: tuple[jax.Array, jax.Array]) -> tuple[tuple, jax.Array]:
+            indices, i = xs
+            batch_data = tuple(a[indices] for a in data)
+
+            def loss_of(params: Any) -> jax.Array:
+                return loss_fn(params, batch_data, jax.random.fold_in(step_key, i))
+
+            params, opt_state, loss = optimizer_step(optimizer, loss_of, *carry)
+            return (params, opt_state), loss
+
+        (params, opt_state), batch_losses = jax.lax.scan(
+            step, (params, opt_state), (order, jnp.arange(steps))
+        )
+        mean_loss = jnp.mean(batch_losses)
+        if score_fn is None:  # no selection: the last epoch's parameters are returned
+            return (params, opt_state, best, best_score), (mean_loss, -mean_loss)
+        score = score_fn(params)
+        better = score > best_score
+        best = jax.tree.map(lambda new, old: jnp.where(better, new, old), params, best)
+        return (params, opt_state, best, jnp.maximum(score, best_score)), (mean_loss, score)
+
+    init = (params, optimizer.init(params), params, jnp.float32(-jnp.inf))
+    (last, _, best, _), (epoch_losses, scores) = jax.lax.scan(
+        epoch, init, jax.random.split(key, epochs)
+    )
+    return (best if score_fn is not None else last), epoch_losses, scores
+
+
+def train_chunk(
+    setup: Setup,
+    length: int,
+    state: TrainState,
+    alive: jax.Array,
+    images_u8: jax.Array,
+    order_SxB: jax.Array,
+    start: jax.Array,
+    noise_key: jax.Array,
+    hyper: Hyper,
+) -> tuple[TrainState, jax.Array, jax.Array]:
+    """``length`` steps from row ``start`` of the epoch's order, as one ``lax.scan``.
+
+    Batches are gathered by index on the device; nothing returns to the host until the
+    chunk's ``length`` losses. A model whose loss or parameters turn non-finite keeps
+    its last finite parameters and optimizer state from then on (``alive`` becomes
+    False); its step counter runs on, so its neighbours' noise is unaffected.
+    """
+    indices_LxB = jax.lax.dynamic_slice_in_dim(order_SxB, start, length)
+
+    def body(
+        carry: tuple[TrainState, jax.Array], indices_B: jax.Array
+    ) -> tuple[tuple[TrainState, jax.Array], jax.Array]:
+        state, alive = carry
+        clean = to_float(images_u8[indices_B])
+        key = jax.random.fold_in(noise_key, state.step)
+        new, loss = train_step(setup, state, clean, key, hyper)
+        alive = alive & jnp.isfinite(loss) & _all_finite(new.params)
+        keep = functools.partial(jnp.where, alive)
+        loss = jnp.where(alive, loss, jnp.nan)  # from its divergence on, a model has no loss
+        return (
+            TrainState(
+                new.step,
+                jax.tree.map(keep, new.params, state.params),
+                jax.tree.map(keep, new.opt_state, state.opt_state),
+            ),
+            alive,
+        ), loss
+
+    (state, alive), losses_L = jax.lax.scan(
+        body, (state, alive), indices_LxB, unroll=min(setup.unroll, length)
+    )
+    return state, alive, losses_L
+
+
+def population_chunk(
+    setup: Setup,
+    length: int,
+    states: TrainState,
+    alive_K: jax.Array,
+    images_u8: jax.Array,
+    orders_KxSxB: jax.Array,
+    start: jax.Array,
+    noise_keys_K: jax.Array,
+    hypers_K: Hyper,
+) -> tuple[TrainState, jax.Array, jax.Array]:
+    """``train_chunk`` for K models at once (``jax.vmap`` over everything but the shared
+    images and start); losses come back ``[K, length]``."""
+    chunk = functools.partial(train_chunk, setup, length)
+    return jax.vmap(chunk, in_axes=(0, 0, None, 0, None, 0, 0))(
+        states, alive_K, images_u8, orders_KxSxB, start, noise_keys_K, hypers_K
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("num_examples", "steps", "batch_size"))
+def epoch_order(
+    shuffle_key: jax.Array, epoch: jax.Array, *, num_examples: int, steps: int, batch_size: int
+) -> jax.Array:
+    """Example indices ``[steps, batch_size]`` for an epoch; the remainder is dropped."""
+    permutation = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), num_examples)
+    return permutation[: steps * batch_size].reshape(steps, batch_size)
+
+
+EVAL_METRICS = (
+    "test_loss",
+    "test_psnr_noisy",
+    "test_psnr_denoised",
+    "test_ssim_noisy",
+    "test_ssim_denoised",
+)
+
+
+def evaluate(
+    setup: Setup,
+    params: nnx.State,
+    images_u8_NxB: jax.Array,
+    weights_NxB: jax.Array,
+    key: jax.Array,
+    level: jax.Array,
+) -> dict[str, jax.Array]:
+    """Test loss, PSNR and SSIM over batches ``[num_batches, B, ...]``; ``weights`` mask padding.
+
+    The input is corrupted with ``key`` (the same noise every epoch, so epochs compare);
+    the loss is against the clean images, as in training. "noisy" scores the corrupted
+    input itself, "denoised" the model's reconstruction of it.
+    """
+    model = nnx.merge(setup.graphdef, params)
+
+    def one_batch(args: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        index, images_u8, weights = args
+        clean = to_float(images_u8)
+        noisy = setup.corrupt(jax.random.fold_in(key, index), clean, level)
+        logits = model.logits(noisy)
+        denoised = jax.nn.sigmoid(logits)
+        per_example = jnp.stack(
+            [
+                losses.PER_EXAMPLE[setup.loss](logits, clean),
+                metrics.psnr(noisy, clean),
+                metrics.psnr(denoised, clean),
+                metrics.ssim(noisy, clean),
+                metrics.ssim(denoised, clean),
+            ]
+        )
+        return jnp.sum(jnp.where(weights > 0, per_example, 0.0), axis=1)
+
+    indices = jnp.arange(images_u8_NxB.shape[0])
+    sums = jnp.sum(jax.lax.map(one_batch, (indices, images_u8_NxB, weights_NxB)), axis=0)
+    means = sums / jnp.sum(weights_NxB)
+    return {name: means[i] for i, name in enumerate(EVAL_METRICS)}
+
+
+def evaluate_population(
+    setup: Setup,
+    params_K: nnx.State,
+    images_u8_NxB: jax.Array,
+    weights_NxB: jax.Array,
+    eval_keys_K: jax.Array,
+    levels_K: jax.Array,
+) -> dict[str, jax.Array]:
+    """``evaluate`` for K models; each metric comes back ``[K]``."""
+    one = functools.partial(evaluate, setup)
+    return jax.vmap(one, in_axes=(0, None, None, 0, 0))(
+        params_K, images_u8_NxB, weights_NxB, eval_keys_K, levels_K
+    )
+
+
+def batched_with_padding(images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[N, ...] -> [ceil(N / B), B, ...]`` zero-padded, with 1/0 weights marking real rows."""
+    num_batches = math.ceil(len(images) / batch_size)
+    padding = num_batches * batch_size - len(images)
+    padded = np.concatenate([images, np.zeros((padding, *images.shape[1:]), images.dtype)])
+    weights = np.concatenate([np.ones(len(images), np.float32), np.zeros(padding, np.float32)])
+    return (
+        padded.reshape(num_batches, batch_size, *images.shape[1:]),
+        weights.reshape(num_batches, batch_size),
+    )
+
+
+def padded_test_batches(dataset: data.Dataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The test images as padded batches with their weights (host arrays; place them once)."""
+    return batched_with_padding(dataset.test_images, min(batch_size, len(dataset.test_images)))
+
+
+def chunks(steps: int, log_every: int, first: int = 0) -> Iterator[tuple[int, int]]:
+    """(start, length) of each compiled chunk of an epoch, from step ``first`` on."""
+    for start in range(first, steps, log_every):
+        yield start, min(log_every, steps - start)

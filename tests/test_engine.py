@@ -1,0 +1,215 @@
+"""The one training loop for every run: populations, divergence, members kept and
+restorable, one writer per workdir, a sweep on many devices."""
+
+import json
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import dae_jax
+from dae_jax import data, train
+from dae_jax.errors import UserError
+from tests.conftest import DAE_JAX, REPO, TINY_FLAGS, run_cli, run_python, tiny_config
+
+SEEDS, LEVELS = [0, 1, 0], [0.5, 0.2, 0.0]
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def population(tmp_path_factory):
+    """Three models, the last given a learning rate that makes it diverge, and the same
+    population with a sane rate for all three."""
+    config = tiny_config()
+    dataset = data.load(config.data, seed=0)
+    workdir = tmp_path_factory.mktemp("population") / "run"
+    diverging = train.fit_many(
+        config,
+        seeds=SEEDS,
+        levels=LEVELS,
+        learning_rates=[1e-3, 1e-3, 1e30],
+        workdir=workdir,
+        dataset=dataset,
+        log=_quiet,
+    )
+    sane = train.fit_many(config, seeds=SEEDS, levels=LEVELS, dataset=dataset, log=_quiet)
+    return workdir, diverging, sane
+
+
+def test_a_diverging_model_is_frozen_and_the_others_train_as_without_it(population):
+    workdir, diverging, sane = population
+    assert list(diverging.diverged) == [2] and diverging.diverged[2]["epoch"] == 1
+    for k in (0, 1):  # bit-identical to the population without the diverging rate
+        jax.tree.map(np.testing.assert_array_equal, diverging.model(k), sane.model(k))
+    frozen = jax.tree.leaves(diverging.model(2))
+    assert all(np.isfinite(leaf).all() for leaf in frozen)  # its last finite state
+    assert np.isnan(diverging.final(2)["train_loss"]) and diverging.final(2)["diverged"]
+    events = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e for e in events if e["event"] == "epoch"]
+    assert [(e["epoch"], e["model"]) for e in epochs] == [
+        (1, 0),
+        (1, 1),
+        (1, 2),
+        (2, 0),
+        (2, 1),
+        (2, 2),
+    ]
+    assert [e.get("diverged", False) for e in epochs[-3:]] == [False, False, True]
+    assert epochs[-1]["train_loss"] == "NaN"  # valid JSON: no bare NaN
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["diverged"] == {"2": {"epoch": 1, "step": 2}}
+    assert [m["learning_rate"] for m in summary["members"]] == [1e-3, 1e-3, 1e30]
+
+
+def test_every_member_is_kept_and_restorable(population):
+    workdir, diverging, _ = population
+    for k, (seed, level) in enumerate(zip(SEEDS, LEVELS, strict=True)):
+        run = dae_jax.restore(workdir, model=k, warn=_quiet)
+        jax.tree.map(np.testing.assert_array_equal, run.model, diverging.model(k))
+        assert (run.config.seed, run.config.noise.level, run.member) == (seed, level, k)
+        assert run.epoch == 2 and run.step == 16
+    assert "member=1" in repr(dae_jax.restore(workdir, model=1, warn=_quiet))
+    with pytest.raises(UserError, match=r"holds 3 models \(0 to 2\); --model=3 does not exist"):
+        dae_jax.restore(workdir, model=3, warn=_quiet)
+
+
+def test_a_population_refuses_other_members_on_resume(population, tmp_path):
+    workdir, _, _ = population
+    with pytest.raises(UserError, match="members: 3 -> 2 models"):
+        train.fit_many(tiny_config(), seeds=[0, 1], levels=[0.5, 0.2], workdir=workdir, log=_quiet)
+
+
+def test_evaluate_and_denoise_work_on_any_member(population, tmp_path):
+    workdir, _, _ = population
+    result = run_cli("evaluate", f"--workdir={workdir}", "--model=1")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(next((workdir / "evaluation").glob("*model1*.json")).read_text())
+    assert record["noise_level"] == 0.2 and record["model"] == 1
+
+
+def test_one_writer_per_workdir(tmp_path):
+    workdir = tmp_path / "run"
+    first = subprocess.Popen(
+        [*DAE_JAX, "train", f"--workdir={workdir}", *TINY_FLAGS, "--config.train.epochs=400"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (workdir / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.05)
+        second = run_cli("train", f"--workdir={workdir}", *TINY_FLAGS)
+        assert second.returncode == 1
+        [line] = second.stderr.strip().splitlines()
+        assert line.startswith(f"error: {workdir} is in use by pid {first.pid} on ")
+        assert line.endswith("wait for it to finish (or stop it), or use another --workdir")
+    finally:
+        first.terminate()
+        first.communicate(timeout=120)
+    assert first.returncode == 143  # it saved and stopped cleanly, undisturbed
+
+
+def test_train_refuses_a_directory_that_is_not_a_workdir(tmp_path):
+    (tmp_path / "config.json").write_text('{"mine": 1}')
+    (tmp_path / "notes.txt").write_text("my notes")
+    result = run_cli("train", f"--workdir={tmp_path}", *TINY_FLAGS)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --workdir={tmp_path} is not empty and is not a dae_jax workdir (it holds "
+        "notes.txt); give a new or empty directory"
+    ]
+    (tmp_path / "notes.txt").unlink()
+    result = run_cli("train", f"--workdir={tmp_path}", *TINY_FLAGS)
+    assert (
+        result.returncode == 2 and "holds a config.json that no dae_jax run wrote" in result.stderr
+    )
+    assert (tmp_path / "config.json").read_text() == '{"mine": 1}'
+    result = run_cli("train", "--workdir=/", *TINY_FLAGS)
+    assert result.stderr.strip() == (
+        "error: --workdir=/ is the filesystem root; give a directory of its own"
+    )
+
+
+EIGHT_DEVICES = """
+import sys, numpy as np, jax
+from tests.conftest import tiny_config
+from dae_jax import train
+config = tiny_config(**{"train.epochs": 1})
+result = train.fit_many(config, seeds=list(range(8)), levels=[0.1 * k for k in range(8)],
+                        log=print)
+np.savez(sys.argv[1], *[np.asarray(x) for x in jax.tree.leaves(result.states.params)])
+"""
+
+
+def test_a_sweep_of_8_models_over_8_devices_matches_one_device(tmp_path):
+    """Eight models on eight simulated devices (one each) train as on one device: the
+    same programs per model, so equal within float32 round-off (stated: 1e-6)."""
+    outputs = {}
+    for devices in (1, 8):
+        env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        path = tmp_path / f"{devices}.npz"
+        result = run_python("-c", EIGHT_DEVICES, str(path), env=env)
+        assert result.returncode == 0, result.stderr
+        outputs[devices] = (np.load(path), result.stdout)
+    assert "one device" in outputs[1][1]
+    assert "8 devices, 8 model groups x 1 data-parallel" in outputs[8][1]
+    one, eight = outputs[1][0], outputs[8][0]
+    for name in one.files:
+        np.testing.assert_allclose(one[name], eight[name], rtol=0, atol=1e-6)
+
+
+def _events(directory):
+    """(tag, step, value) of every scalar and the tags of images in the event files,
+    read with tensorboardX's own protobuf (TFRecord framing: length, crc, data, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars, images = [], []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("image"):
+                    images.append(value.tag)
+                else:
+                    scalars.append((value.tag, event.step, value.simple_value))
+    return scalars, images
+
+
+def test_tensorboard_profile_and_epoch_callback(tmp_path):
+    seen = []
+    config = tiny_config(profile_steps=3)
+    result = train.fit(
+        config, tmp_path, log=_quiet, on_epoch=lambda record, model: seen.append((record, model))
+    )
+    # The callback got each epoch's record (the metrics.jsonl one) and the model.
+    assert [record["epoch"] for record, _ in seen] == [1, 2]
+    assert seen[-1][0] == result.history[-1]
+    jax.tree.map(np.testing.assert_array_equal, seen[-1][1], result.model)
+    scalars, images = _events(tmp_path / "tensorboard")
+    psnr = [(step, value) for tag, step, value in scalars if tag == "test_psnr_denoised"]
+    expected = [(r["epoch"], r["test_psnr_denoised"]) for r in result.history]
+    assert [s for s, _ in psnr] == [1, 2]
+    np.testing.assert_allclose([v for _, v in psnr], [v for _, v in expected], rtol=1e-6)
+    assert {"train_loss", "test_ssim_denoised", "examples_per_second"} <= {t for t, _, _ in scalars}
+    assert images == ["denoising"]
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0
+
+
+def test_tensorboard_can_be_turned_off(tmp_path):
+    train.fit(tiny_config(tensorboard=False, **{"train.epochs": 1}), tmp_path, log=_quiet)
+    assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "profile").exists()
