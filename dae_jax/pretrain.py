@@ -205,6 +205,58 @@ def _stacked_variants() -> dict[str, tuple[str, float]]:
     }
 
 
+def _check_flags(
+    fractions: Sequence[float], pretrain_epochs: int, finetune_epochs: int, rate: float
+) -> None:
+    bad = [f for f in fractions if not 0 < f <= 1]
+    if bad:
+        raise UserError(
+            f"--label_fractions: {bad[0]:g} is not a fraction of the labels in (0, 1]; "
+            "give e.g. --label_fractions=0.01,0.1,1"
+        )
+    for flag, epochs in (
+        ("pretrain_epochs", pretrain_epochs),
+        ("finetune_epochs", finetune_epochs),
+    ):
+        if epochs < 1:
+            raise UserError(f"--{flag}={epochs} must be at least 1")
+    if rate < 0:
+        raise UserError(
+            f"--finetune_learning_rate={rate:g} must be > 0 "
+            "(or 0 for the config's optim.learning_rate)"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    """The training split less a validation set (``pool``), and the test set."""
+
+    pool: np.ndarray
+    images: jax.Array  # uint8, the pool's
+    labels: jax.Array
+    val_x: jax.Array
+    val_y: jax.Array
+    test_x: jax.Array
+    test_y: jax.Array
+
+    @classmethod
+    def of(cls, dataset: data.Dataset, val_size: int, seed: int) -> _Split:
+        num_train = len(dataset.train_images)
+        if not 0 < val_size < num_train // 2:
+            raise UserError(f"--val_size={val_size} must be between 1 and half the training set")
+        split = np.asarray(jax.random.permutation(jax.random.key(seed), num_train))
+        pool, val = split[val_size:], split[:val_size]
+        return cls(
+            pool,
+            jnp.asarray(dataset.train_images[pool]),
+            jnp.asarray(dataset.train_labels[pool]),
+            train.to_float(jnp.asarray(dataset.train_images[val])),
+            jnp.asarray(dataset.train_labels[val]),
+            train.to_float(jnp.asarray(dataset.test_images)),
+            jnp.asarray(dataset.test_labels),
+        )
+
+
 def run_experiment(
     config: ml_collections.ConfigDict,
     seeds: Sequence[int],
@@ -221,53 +273,96 @@ def run_experiment(
     """Pre-trains every variant for every seed, fine-tunes each with every label fraction,
     and writes results (test accuracy of the best validation epoch) and a figure.
     ``finetune_learning_rate`` 0 means the config's ``optim.learning_rate``."""
-    bad = [f for f in fractions if not 0 < f <= 1]
-    if bad:
-        raise UserError(
-            f"--label_fractions: {bad[0]:g} is not a fraction of the labels in (0, 1]; "
-            "give e.g. --label_fractions=0.01,0.1,1"
-        )
-    for flag, epochs in (
-        ("pretrain_epochs", pretrain_epochs),
-        ("finetune_epochs", finetune_epochs),
-    ):
-        if epochs < 1:
-            raise UserError(f"--{flag}={epochs} must be at least 1")
-    if finetune_learning_rate < 0:
-        raise UserError(
-            f"--finetune_learning_rate={finetune_learning_rate:g} must be > 0 "
-            "(or 0 for the config's optim.learning_rate)"
-        )
+    _check_flags(fractions, pretrain_epochs, finetune_epochs, finetune_learning_rate)
     started = time.perf_counter()
     rate = finetune_learning_rate or config.optim.learning_rate
     (workdir / "figures").mkdir(parents=True, exist_ok=True)
     dataset = data.load(config.data, seed=config.seed)
-    num_train = len(dataset.train_images)
-    if not 0 < val_size < num_train // 2:
-        raise UserError(f"--val_size={val_size} must be between 1 and half the training set")
-    split = np.asarray(jax.random.permutation(jax.random.key(config.seed), num_train))
-    pool, val = split[val_size:], split[:val_size]
-    images = jnp.asarray(dataset.train_images[pool])
-    labels = jnp.asarray(dataset.train_labels[pool])
-    val_x = train.to_float(jnp.asarray(dataset.train_images[val]))
-    val_y = jnp.asarray(dataset.train_labels[val])
-    test_x = train.to_float(jnp.asarray(dataset.test_images))
-    test_y = jnp.asarray(dataset.test_labels)
+    split = _Split.of(dataset, val_size, config.seed)
     log(
-        f"pretrain_finetune: {dataset.name}, {len(pool)} train images (labels used only in "
-        f"fine-tuning), {val_size} validation, {len(test_y)} test; model {config.model.kind}"
+        f"pretrain_finetune: {dataset.name}, {len(split.pool)} train images (labels used only "
+        f"in fine-tuning), {val_size} validation, {len(split.test_y)} test; model "
+        f"{config.model.kind}"
     )
     seed_keys = jnp.stack([jax.random.key(s) for s in seeds])
     pretrain_keys, head_keys, tune_keys, subset_keys = (
         jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(seed_keys) for i in range(4)
     )
-    fresh = jax.vmap(lambda key: nnx.split(models.create(config, key=key))[1])(pretrain_keys)
+    starts = _pretrained_starts(config, dataset, split, seeds, pretrain_keys, pretrain_epochs, log)
     graphdef = nnx.split(models.create(config, key=jax.random.key(0)))[0]
+    first = nnx.merge(graphdef, jax.tree.map(lambda x: x[0], starts["random init"]))
+    head_graphdef = nnx.split(classifier_from(first, head_keys[0]))[0]
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, Any] = {}
+    for name, start_params in starts.items():
+        classifiers = jax.vmap(
+            lambda p, k: nnx.split(classifier_from(nnx.merge(graphdef, p), k))[1]
+        )(start_params, head_keys)
+        for fraction in fractions:
+            begin = time.perf_counter()
+            keys = jax.vmap(lambda k, f=fraction: jax.random.fold_in(k, int(f * 1e6)))(subset_keys)
+            subsets = np.stack(
+                [labelled_subset(k, np.asarray(split.labels), fraction) for k in keys]
+            )
+            epochs = finetune_epochs * max(1, min(10, round(1 / fraction)))
+            tuned, _, val_SxE = _finetune_many(
+                head_graphdef,
+                classifiers,
+                tune_keys,
+                jnp.asarray(subsets),
+                split.images,
+                split.labels,
+                split.val_x,
+                split.val_y,
+                epochs=epochs,
+                batch_size=config.train.batch_size,
+                learning_rate=rate,
+            )
+            test_acc = jax.vmap(lambda p: accuracy(head_graphdef, p, split.test_x, split.test_y))(
+                tuned
+            )
+            rows += _finetune_rows(
+                name, fraction, subsets.shape[1], epochs, seeds, test_acc, val_SxE
+            )
+            curves[f"{name} @ {fraction:g}"] = np.asarray(val_SxE).mean(axis=0)
+            log(
+                f"  {name}, {fraction:g} of the labels ({subsets.shape[1]}): test accuracy "
+                f"{float(jnp.mean(test_acc)):.4f} ({time.perf_counter() - begin:.1f} s)"
+            )
+    _write_report(
+        workdir,
+        config,
+        seeds,
+        rows,
+        curves,
+        list(starts),
+        fractions,
+        started,
+        command,
+        f"of the {len(split.pool)} training labels (Adam, learning rate {rate:g}; the epoch "
+        f"with the best accuracy on {val_size} held-out training images kept); pre-training "
+        f"{pretrain_epochs} epochs per layer / end-to-end on all {len(split.pool)} images "
+        "without labels.",
+    )
+    return rows
 
-    # Each variant: the DAE-model parameters (stacked over seeds) the classifier starts from.
+
+def _pretrained_starts(
+    config: ml_collections.ConfigDict,
+    dataset: data.Dataset,
+    split: _Split,
+    seeds: Sequence[int],
+    keys: jax.Array,
+    epochs: int,
+    log: Callable[[str], None],
+) -> dict[str, nnx.State]:
+    """Each variant's DAE-model parameters (stacked over seeds) that fine-tuning starts
+    from: random, stacked layer-wise (MLP), and end-to-end AE and DAE."""
+    fresh = jax.vmap(lambda key: nnx.split(models.create(config, key=key))[1])(keys)
+    graphdef = nnx.split(models.create(config, key=jax.random.key(0)))[0]
     starts: dict[str, nnx.State] = {"random init": fresh}
     if config.model.kind == "mlp":
-        pixels = train.to_float(images).reshape(len(pool), -1)
+        pixels = train.to_float(split.images).reshape(len(split.pool), -1)
         for name, (kind, level) in _stacked_variants().items():
             begin = time.perf_counter()
             stack = jax.jit(
@@ -278,17 +373,19 @@ def run_experiment(
                         noise_kind=kind,
                         level=level,
                         loss=config.loss,
-                        epochs=pretrain_epochs,
+                        epochs=epochs,
                         batch_size=config.train.batch_size,
                         learning_rate=config.optim.learning_rate,
                     ),
                     in_axes=(0, None),
                 )
-            )(pretrain_keys, pixels)
+            )(keys, pixels)
             starts[name] = _with_encoder(graphdef, fresh, stack)
             log(f"  pre-trained {name} in {time.perf_counter() - begin:.1f} s")
     unlabeled = dataclasses.replace(
-        dataset, train_images=dataset.train_images[pool], train_labels=dataset.train_labels[pool]
+        dataset,
+        train_images=dataset.train_images[split.pool],
+        train_labels=dataset.train_labels[split.pool],
     )
     end_to_end = {
         "AE, end-to-end (level 0)": 0.0,
@@ -297,76 +394,62 @@ def run_experiment(
     for name, level in end_to_end.items():
         begin = time.perf_counter()
         e2e = ml_collections.ConfigDict(config.to_dict())
-        e2e.train.epochs = pretrain_epochs
+        e2e.train.epochs = epochs
         many = train.fit_many(
-            e2e,
-            seeds=list(seeds),
-            levels=[level] * len(seeds),
-            dataset=unlabeled,
-            log=lambda _: None,
+            e2e, seeds=list(seeds), levels=[level] * len(seeds), dataset=unlabeled, log=_silent
         )
         starts[name] = many.states.params
         log(f"  pre-trained {name} in {time.perf_counter() - begin:.1f} s")
+    return starts
 
-    head_graphdef, _ = nnx.split(
-        classifier_from(nnx.merge(graphdef, jax.tree.map(lambda x: x[0], fresh)), head_keys[0])
-    )
-    rows: list[dict[str, Any]] = []
-    curves: dict[str, Any] = {}
-    for name, start_params in starts.items():
-        classifiers = jax.vmap(
-            lambda p, k: nnx.split(classifier_from(nnx.merge(graphdef, p), k))[1]
-        )(start_params, head_keys)
-        for fraction in fractions:
-            begin = time.perf_counter()
-            subsets = np.stack(
-                [
-                    labelled_subset(k, np.asarray(labels), fraction)
-                    for k in jax.vmap(lambda k, f=fraction: jax.random.fold_in(k, int(f * 1e6)))(
-                        subset_keys
-                    )
-                ]
-            )
-            epochs = finetune_epochs * max(1, min(10, round(1 / fraction)))
-            tuned, losses_SxE, val_SxE = _finetune_many(
-                head_graphdef,
-                classifiers,
-                tune_keys,
-                jnp.asarray(subsets),
-                images,
-                labels,
-                val_x,
-                val_y,
-                epochs=epochs,
-                batch_size=config.train.batch_size,
-                learning_rate=rate,
-            )
-            test_acc = jax.vmap(lambda p: accuracy(head_graphdef, p, test_x, test_y))(tuned)
-            for s, seed in enumerate(seeds):
-                for metric, value in (
-                    ("test_accuracy", float(test_acc[s])),
-                    ("val_accuracy", float(jnp.max(val_SxE[s]))),
-                    ("best_epoch", int(jnp.argmax(val_SxE[s])) + 1),
-                ):
-                    rows.append(
-                        {
-                            "experiment": "pretrain_finetune",
-                            "variant": name,
-                            "label_fraction": fraction,
-                            "labels": subsets.shape[1],
-                            "finetune_epochs": epochs,
-                            "seed": seed,
-                            "metric": metric,
-                            "value": value,
-                        }
-                    )
-            curves[f"{name} @ {fraction:g}"] = np.asarray(val_SxE).mean(axis=0)
-            log(
-                f"  {name}, {fraction:g} of the labels ({subsets.shape[1]}): test accuracy "
-                f"{float(jnp.mean(test_acc)):.4f} ({time.perf_counter() - begin:.1f} s)"
-            )
 
-    variants = list(starts)
+def _silent(line: str) -> None:
+    pass
+
+
+def _finetune_rows(
+    name: str,
+    fraction: float,
+    labels: int,
+    epochs: int,
+    seeds: Sequence[int],
+    test_acc: jax.Array,
+    val_SxE: jax.Array,
+) -> list[dict[str, Any]]:
+    rows = []
+    for s, seed in enumerate(seeds):
+        for metric, value in (
+            ("test_accuracy", float(test_acc[s])),
+            ("val_accuracy", float(jnp.max(val_SxE[s]))),
+            ("best_epoch", int(jnp.argmax(val_SxE[s])) + 1),
+        ):
+            rows.append(
+                {
+                    "experiment": "pretrain_finetune",
+                    "variant": name,
+                    "label_fraction": fraction,
+                    "labels": labels,
+                    "finetune_epochs": epochs,
+                    "seed": seed,
+                    "metric": metric,
+                    "value": value,
+                }
+            )
+    return rows
+
+
+def _write_report(
+    workdir: Path,
+    config: ml_collections.ConfigDict,
+    seeds: Sequence[int],
+    rows: list[dict[str, Any]],
+    curves: dict[str, Any],
+    variants: list[str],
+    fractions: Sequence[float],
+    started: float,
+    command: str,
+    how: str,
+) -> None:
     columns = [f"{f:g} of labels" for f in fractions]
     cells: dict[tuple[str, str], list[float]] = {}
     for r in rows:
@@ -375,10 +458,7 @@ def run_experiment(
             cells.setdefault((r["variant"], column), []).append(r["value"])
     body = (
         "Test accuracy of the encoder + softmax head fine-tuned on a class-balanced fraction "
-        f"of the {len(pool)} training labels (Adam, learning rate {rate:g}; the epoch with "
-        f"the best accuracy on {val_size} held-out training images kept); pre-training "
-        f"{pretrain_epochs} epochs per layer / end-to-end on all {len(pool)} images "
-        "without labels. Bold: best in the column.\n\n"
+        f"{how} Bold: best in the column.\n\n"
         + report.table(variants, columns, cells, first="pre-training")
     )
     report.write(
@@ -399,7 +479,6 @@ def run_experiment(
         xlabel="fine-tuning epoch",
         ylabel="validation accuracy (mean over seeds)",
     )
-    return rows
 
 
 def _with_encoder(graphdef: nnx.GraphDef, fresh: nnx.State, encoders: list[nnx.State]):

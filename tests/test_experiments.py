@@ -184,7 +184,8 @@ def test_anomaly_quick_run(tmp_path):
         (
             "noise_sweep",
             "--config.train.lr=1",
-            "error: unknown config key 'train.lr' (--config.train.lr); --help lists the config keys",
+            "error: unknown config key 'train.lr' (--config.train.lr); "
+            "--help lists the config keys",
         ),
         (
             "noise_sweep",
