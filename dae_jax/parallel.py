@@ -59,20 +59,22 @@ def _bounded(join: Callable[[], None], timeout: int, waiting_for: str, advice: s
     done = threading.Event()
 
     def notice() -> None:
-        if not done.wait(_WAIT_NOTICE_SECONDS):
-            print(
-                f"Waiting for {waiting_for} (up to {timeout} s; "
-                "DAE_JAX_COORDINATOR_TIMEOUT=SECONDS changes it)",
-                file=sys.stderr,
-                flush=True,
-            )
-        if not done.wait(max(0, timeout - _WAIT_NOTICE_SECONDS)):
-            print(
-                f"error: gave up after {timeout} s waiting for {waiting_for}; {advice}",
-                file=sys.stderr,
-                flush=True,
-            )
-            os._exit(1)
+        notice_at = min(_WAIT_NOTICE_SECONDS, timeout)
+        if not done.wait(notice_at):
+            if timeout > notice_at:
+                print(
+                    f"Waiting for {waiting_for} (up to {timeout} s; "
+                    "DAE_JAX_COORDINATOR_TIMEOUT=SECONDS changes it)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if not done.wait(timeout - notice_at):
+                print(
+                    f"error: gave up after {timeout} s waiting for {waiting_for}; {advice}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(1)
 
     threading.Thread(target=notice, daemon=True, name="dae-jax-coordinator-wait").start()
     try:
@@ -106,7 +108,6 @@ def initialize_distributed(environ: Mapping[str, str] = os.environ) -> bool:
         )
     # JAX's own deadline comes later than ours, so ours ends the wait with a clear line.
     jax_timeout = timeout + 60
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
         missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in environ]
         if missing:
@@ -126,7 +127,8 @@ def initialize_distributed(environ: Mapping[str, str] = os.environ) -> bool:
             waiting_for = f"the other {num_processes - 1} process(es) to join at {address}"
             advice = (
                 "start them all with the same JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES "
-                "and JAX_PROCESS_ID from 1 to " + str(num_processes - 1)
+                f"and JAX_PROCESS_ID from 1 to {num_processes - 1}, or wait longer with "
+                "DAE_JAX_COORDINATOR_TIMEOUT=SECONDS"
             )
         else:
             waiting_for = f"process 0 (the coordinator) at {address} and the others"
@@ -135,6 +137,7 @@ def initialize_distributed(environ: Mapping[str, str] = os.environ) -> bool:
                 "JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES, or wait longer with "
                 "DAE_JAX_COORDINATOR_TIMEOUT=SECONDS"
             )
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         _bounded(
             lambda: jax.distributed.initialize(
                 coordinator_address=address,
@@ -147,6 +150,7 @@ def initialize_distributed(environ: Mapping[str, str] = os.environ) -> bool:
             advice,
         )
     else:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         _bounded(
             lambda: jax.distributed.initialize(initialization_timeout=jax_timeout),
             timeout,
