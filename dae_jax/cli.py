@@ -314,7 +314,16 @@ def main(argv: Sequence[str]) -> int:
     except Exception as e:  # a user's config file can raise anything
         return _error(_config_error(args, e), 2)
     if not FLAGS.workdir:
-        return _error("--workdir is required: the directory the run writes to", 2)
+        hint = (
+            f" (did you mean --workdir={positional[0]}?)"
+            if positional and command != "denoise"
+            else ""
+        )
+        return _error(f"--workdir is required: the directory the run writes to{hint}", 2)
+    if command != "train" and Path(FLAGS.workdir).exists() and not Path(FLAGS.workdir).is_dir():
+        return _error(
+            f"--workdir={FLAGS.workdir} is a file; give the directory of a trained run", 2
+        )
     if command == "denoise":
         if not FLAGS.output:
             return _error("denoise needs --output=DIR: where the denoised images go", 2)

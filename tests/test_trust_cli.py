@@ -348,3 +348,34 @@ def test_a_backend_that_is_not_installed_is_one_line(tmp_path):
         "installed); unset JAX_PLATFORMS to use what this machine has (the CPU at least), or "
         "install the backend's jax package, e.g. pip install 'jax[cuda12]' for NVIDIA GPUs"
     ]
+
+
+def test_careless_workdir_and_config_arguments(tmp_path, capsys, calls):
+    code, lines, _ = run_main(capsys, "evaluate", str(tmp_path))
+    assert (code, lines) == (
+        2,
+        [
+            "error: --workdir is required: the directory the run writes to "
+            f"(did you mean --workdir={tmp_path}?)"
+        ],
+    )
+    afile = tmp_path / "photo.png"
+    afile.write_text("x")
+    for command in ("evaluate", "denoise"):
+        code, lines, _ = run_main(capsys, command, f"--workdir={afile}", "--output=o", "a.png")
+        if command == "evaluate":  # --output is refused first
+            assert code == 2 and "--output is a flag of denoise" in lines[0]
+            code, lines, _ = run_main(capsys, command, f"--workdir={afile}")
+        assert (code, lines) == (
+            2,
+            [f"error: --workdir={afile} is a file; give the directory of a trained run"],
+        )
+    code, lines, _ = run_main(capsys, "train", "--workdir=w", f"--config={tmp_path}")
+    assert (code, lines) == (
+        2,
+        [
+            f"error: --config={tmp_path} is a directory; give a Python file with get_config() "
+            "or one of the names default, seed, e.g. --config=seed"
+        ],
+    )
+    assert calls == {}

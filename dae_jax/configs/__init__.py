@@ -36,6 +36,11 @@ def resolve(spec: str) -> str:
     for name in names():
         if spec in (name, f"{name}.py", f"dae_jax/configs/{name}.py"):
             return str(CONFIG_DIR / f"{name}.py")
+    if Path(spec).is_dir():
+        raise UserError(
+            f"--config={spec} is a directory; give a Python file with get_config() "
+            f"or one of the names {', '.join(names())}, e.g. --config=seed"
+        )
     raise UserError(
         f"--config={spec}: no such file or config name; give a Python file with get_config() "
         f"or one of the names {', '.join(names())}, e.g. --config=seed"
