@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from dae_jax import checkpointing, data, train
 from dae_jax.configs import validate
@@ -180,7 +180,11 @@ def load_image(path: Path, warn: Callable[[str], None], *, invert: bool = False)
                 if frames > 1:
                     changes.append(f"first of {frames} frames")
                 opened.load()
-                pixels = _gray(opened, changes)
+                upright: Image.Image = opened
+                if opened.getexif().get(0x0112, 1) in range(2, 9):  # phone photos: EXIF rotation
+                    upright = ImageOps.exif_transpose(opened)
+                    changes.append("turned upright by its EXIF orientation")
+                pixels = _gray(upright, changes)
     except (
         OSError,
         UnidentifiedImageError,

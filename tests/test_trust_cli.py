@@ -237,7 +237,7 @@ def test_validate_refuses_unknown_keys_and_takes_a_dict():
     config = default.get_config()
     assert configs.validate(config) is config
     with pytest.raises(UserError) as error:
-        configs.validate(None)  # type: ignore[arg-type]
+        configs.validate(None)
     assert str(error.value) == (
         "a config must be an ml_collections.ConfigDict (or a dict of the same keys), not "
         "NoneType; start from dae_jax.configs.default.get_config()"

@@ -147,6 +147,11 @@ def _png_header_only(path: Path, width: int, height: int) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
 
 
+def _truncated_jpeg(path: Path) -> None:
+    Image.new("RGB", (64, 64), "white").save(path, "JPEG")
+    path.write_bytes(path.read_bytes()[:200])
+
+
 BOMB = "is more than the 89,478,485 it reads (a guard against decompression bombs); shrink it first"
 
 
@@ -163,10 +168,7 @@ BOMB = "is more than the 89,478,485 it reads (a guard against decompression bomb
         (lambda p: _png_header_only(p, 20000, 20000), f"400,000,000 pixels {BOMB}"),
         (lambda p: _png_header_only(p, 10000, 10000), f"100,000,000 pixels {BOMB}"),
         (
-            lambda p: (
-                Image.new("RGB", (64, 64), "white").save(p, "JPEG")
-                or p.write_bytes(p.read_bytes()[:200])
-            ),
+            _truncated_jpeg,
             "the file is damaged, truncated or of an unsupported kind (Truncated File Read)",
         ),
         (
@@ -183,3 +185,17 @@ def test_unreadable_inputs_are_one_line_naming_the_file(tmp_path, make, reason):
         read(path)
     assert str(error.value) == f"cannot read image {path}: {reason}"
     assert error.value.exit_code == 1
+
+
+def test_a_phone_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
+    pixels = np.zeros((28, 28), np.uint8)
+    pixels[:, :4] = 255  # a white stripe on the left as stored
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    image.save(tmp_path / "phone.jpg", exif=exif)
+    upright, notes = read(tmp_path / "phone.jpg")
+    assert upright[:3].mean() > 0.8 and upright[:, :3].mean() < 0.3  # the stripe is on top
+    assert notes == [
+        f"warning: {tmp_path / 'phone.jpg'}: converted (turned upright by its EXIF orientation)"
+    ]
