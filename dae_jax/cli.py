@@ -189,37 +189,12 @@ def _refused(command: str, name: str) -> str | None:
         )
     if name in ("output", "invert", "nooutput", "noinvert"):
         return f"--{name} is a flag of denoise, not {command} (dae-jax {command} --help)"
+    if name in ("flagfile", "undefok"):
+        return (
+            f"--{name} is not supported: put the flags on the command line "
+            "(and settings in a config file: --config=FILE)"
+        )
     return None
-
-
-def _config_argv(args: Sequence[str]) -> list[str]:
-    """``args`` with ``--config=NAME`` turned into the installed config file's path."""
-    out = list(args)
-    for i, arg in enumerate(out):
-        if arg == "--":
-            break
-        if arg.startswith(("--config=", "-config=")):
-            flag, spec = arg.split("=", 1)
-            path = configs.resolve(spec)
-            out[i] = f"{flag}={path}"
-        elif arg in ("--config", "-config"):
-            if i + 1 >= len(out):
-                raise UserError(
-                    "--config needs a value: a config name "
-                    f"({', '.join(configs.names())}) or a Python file"
-                )
-            spec = out[i + 1]
-            path = configs.resolve(spec)
-            out[i + 1] = path
-        else:
-            continue
-        try:
-            Path(path).read_bytes()
-        except OSError as e:
-            raise UserError(
-                f"--config={spec} cannot be read ({e.strerror}); check its permissions"
-            ) from None
-    return out
 
 
 def _config_error(args: Sequence[str], error: Exception) -> str:
@@ -238,8 +213,12 @@ def _config_error(args: Sequence[str], error: Exception) -> str:
 
 def _flag_error(command: str, error: Exception) -> str:
     message = _one_line(error)
+    unknown = re.search(r"Unknown command line flag '([^']+)'", message)
+    refused = unknown and _refused(command, unknown.group(1))
+    if refused:
+        return refused
     match = re.search(r"Unknown command line flag '(config\.[^']+)'", message)
-    if match:
+    if match and command == "train":
         return (
             f"unknown config key {match.group(1)[len('config.') :]!r} (--{match.group(1)}); "
             "the keys are listed in dae_jax/configs/default.py"
@@ -279,6 +258,9 @@ def _check_backend() -> None:
 
 
 def main(argv: Sequence[str]) -> int:
+    if len(argv) > 2 and argv[1] == "help" and argv[2] in COMMANDS:
+        print(command_help(argv[2]), end="")
+        return 0
     if len(argv) < 2 or argv[1] in ("-h", "--help", "-help", "help"):
         print(USAGE, end="")
         return 0 if len(argv) >= 2 else 2
@@ -295,13 +277,16 @@ def main(argv: Sequence[str]) -> int:
     if any(name in HELP_FLAGS for name in names):
         print(command_help(command), end="")
         return 0
+    if "version" in names:
+        print(f"dae-jax {dae_jax.__version__}")
+        return 0
     for name in names:
         refused = _refused(command, name)
         if refused:
             return _error(refused, 2)
     try:
         if command == "train":
-            args = _config_argv(args)
+            args = configs.resolve_argv(args)
         FLAGS = _define_flags(command, args)
         positional = FLAGS(args)[1:]
         if command == "train":

@@ -239,8 +239,10 @@ SOFTWARE = "dae-jax denoise"  # the PNG tag that marks a file denoise wrote
 
 def _written_by_denoise(path: Path) -> bool:
     try:
-        with Image.open(path) as image:
-            return image.info.get("Software") == SOFTWARE
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.info.get("Software") == SOFTWARE
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         return False
 

@@ -88,6 +88,16 @@ NOT_HERE = [
         ["evaluate", "--workdir=W", "--bogus=1"],
         "Unknown command line flag 'bogus' (dae-jax evaluate --help)",
     ),
+    (
+        ["evaluate", "--workdir=W", "--flagfile=flags.txt"],
+        "--flagfile is not supported: put the flags on the command line (and settings in a "
+        "config file: --config=FILE)",
+    ),
+    (
+        ["train", "--workdir=W", "--undefok=noise.level", "--noise.level=0.1"],
+        "--undefok is not supported: put the flags on the command line (and settings in a "
+        "config file: --config=FILE)",
+    ),
 ]
 
 
@@ -182,6 +192,8 @@ def test_version_and_top_level_help(capsys):
     assert (code, lines, out) == (0, [], "dae-jax 0.1.0\n")
     code, _, out = run_main(capsys, "--help")
     assert code == 0 and "dae-jax COMMAND --help" in out and "--config=seed" in out
+    assert run_main(capsys, "train", "--version")[::2] == (0, "dae-jax 0.1.0\n")
+    assert run_main(capsys, "help", "denoise") == (0, [], cli.command_help("denoise"))
 
 
 SEED_RANGE = (

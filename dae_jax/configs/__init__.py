@@ -1,7 +1,7 @@
 """Config files (``get_config()``) and the checks every config passes before anything compiles."""
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,37 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def resolve_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``--config=NAME`` (or ``--config NAME``) turned into the installed
+    config file's path, before absl/config_flags parse it (they take a path only).
+    Raises ``UserError`` for a name that is neither a file nor a shipped config."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        if arg.startswith(("--config=", "-config=")):
+            flag, spec = arg.split("=", 1)
+            path = resolve(spec)
+            out[i] = f"{flag}={path}"
+        elif arg in ("--config", "-config"):
+            if i + 1 >= len(out):
+                raise UserError(
+                    f"--config needs a value: a config name ({', '.join(names())}) or a Python file"
+                )
+            spec = out[i + 1]
+            path = resolve(spec)
+            out[i + 1] = path
+        else:
+            continue
+        try:
+            Path(path).read_bytes()
+        except OSError as e:
+            raise UserError(
+                f"--config={spec} cannot be read ({e.strerror}); check its permissions"
+            ) from None
+    return out
 
 
 def _unknown_keys(config: Any, reference: Any, prefix: str = "") -> list[str]:
