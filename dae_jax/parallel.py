@@ -11,6 +11,7 @@ the batch and all-reduces the gradients (no pmap, no second code path).
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -50,6 +51,17 @@ def _coordinator_address(address: str) -> str:
             "e.g. host0:1234"
         )
     return address
+
+
+def _port_is_free(port: int) -> bool:
+    """Whether this host can listen on ``port`` (JAX's coordinator crashes when it cannot)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT is fine
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
 
 
 def _bounded(join: Callable[[], None], timeout: int, waiting_for: str, advice: str) -> None:
@@ -123,6 +135,13 @@ def initialize_distributed(environ: Mapping[str, str] = os.environ) -> bool:
         process_id = _int_variable(
             environ, "JAX_PROCESS_ID", 0, num_processes - 1, "this process's index"
         )
+        port = int(address.rpartition(":")[2])
+        if process_id == 0 and not _port_is_free(port):
+            raise UserError(
+                f"port {port} of JAX_COORDINATOR_ADDRESS={address} is in use on this host, "
+                "where process 0 must listen; pick a free port for every process",
+                exit_code=1,
+            )
         if process_id == 0:
             waiting_for = f"the other {num_processes - 1} process(es) to join at {address}"
             advice = (
@@ -151,13 +170,24 @@ def initialize_distributed(environ: Mapping[str, str] = os.environ) -> bool:
         )
     else:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        _bounded(
-            lambda: jax.distributed.initialize(initialization_timeout=jax_timeout),
-            timeout,
-            "every process of the cluster job to join",
-            "check that the launcher started all of them, or wait longer with "
-            "DAE_JAX_COORDINATOR_TIMEOUT=SECONDS",
-        )
+        why = f"SLURM_NTASKS={environ['SLURM_NTASKS']}" if slurm else "DAE_JAX_DISTRIBUTED=1"
+        try:
+            _bounded(
+                lambda: jax.distributed.initialize(initialization_timeout=jax_timeout),
+                timeout,
+                "every process of the cluster job to join",
+                "check that the launcher started all of them, or wait longer with "
+                "DAE_JAX_COORDINATOR_TIMEOUT=SECONDS",
+            )
+        except (ValueError, RuntimeError) as e:
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise UserError(
+                f"{why} asks for a multi-process run, but JAX finds none to join here "
+                f"({reason}); start every process with the cluster's launcher (srun, mpirun, "
+                "--worker=all on a TPU pod) or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES "
+                "and JAX_PROCESS_ID",
+                exit_code=1,
+            ) from None
     return True
 
 

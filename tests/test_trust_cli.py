@@ -391,3 +391,32 @@ def test_careless_workdir_and_config_arguments(tmp_path, capsys, calls):
         ],
     )
     assert calls == {}
+
+
+def test_a_cluster_that_is_not_there_or_a_busy_port_is_one_line(tmp_path):
+    result = run_cli("evaluate", f"--workdir={tmp_path}", env={"DAE_JAX_DISTRIBUTED": "1"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: DAE_JAX_DISTRIBUTED=1 asks for a multi-process run, but JAX finds none to join "
+        "here (coordinator_address should be defined.); start every process with the "
+        "cluster's launcher (srun, mpirun, --worker=all on a TPU pod) or set "
+        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID"
+    ]
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli(
+            "evaluate",
+            f"--workdir={tmp_path}",
+            env={
+                "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": "0",
+            },
+        )
+    assert result.returncode == 1  # JAX itself would crash with a segmentation fault
+    assert result.stderr.strip().splitlines() == [
+        f"error: port {port} of JAX_COORDINATOR_ADDRESS=localhost:{port} is in use on this "
+        "host, where process 0 must listen; pick a free port for every process"
+    ]
