@@ -1,12 +1,14 @@
-"""The ``dae-jax`` command: ``dae-jax train --workdir=W [--config=FILE] [--config.key=value]``.
+"""The ``dae-jax`` command: ``dae-jax train --workdir=W [--config=NAME|FILE] [--config.key=value]``.
 
 Flags follow the Flax examples' convention (absl flags + ml_collections config files).
+Each subcommand takes only the flags that change what it does; any other flag is refused.
 A user mistake ends in one line on stderr, ``error: ...``, and exit code 2 (usage)
 or 1 (anything else the user must fix); never a traceback.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -15,71 +17,183 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
+import dae_jax
+from dae_jax import configs
 from dae_jax.errors import Interrupted, UserError
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.py"
 
 USAGE = """\
-usage: dae-jax train    --workdir=W [--config=FILE] [--config.KEY=VALUE ...]
+usage: dae-jax train    --workdir=W [--config=NAME|FILE] [--config.KEY=VALUE ...]
        dae-jax evaluate --workdir=W [--noise.kind=KIND] [--noise.level=LEVEL]
-       dae-jax denoise  --workdir=W --output=DIR IMAGE...
+       dae-jax denoise  --workdir=W --output=DIR [--invert] IMAGE...
+       dae-jax COMMAND --help    (that command's flags; train's lists every config key)
+       dae-jax --version
 
 commands:
   train     train a denoising autoencoder (or resume the workdir's run); writes
             config.json, metrics.jsonl, summary.json, checkpoints/ and figures/
   evaluate  test loss, PSNR and SSIM of the trained model, under its own corruption
             or another; writes W/evaluation/KIND-LEVEL.json
-  denoise   denoise image files (PNG/JPEG, any size) into DIR
+  denoise   denoise image files (PNG/JPEG/TIFF..., any size) into DIR
 
-config files: dae_jax/configs/default.py (default), dae_jax/configs/seed.py (the tutorial)
-example: dae-jax train --workdir=runs/seed --config=dae_jax/configs/seed.py \\
+configs by name: --config=default (the default), --config=seed (the tutorial);
+or a Python file with get_config()
+example: dae-jax train --workdir=runs/seed --config=seed \\
              --config.data.name=fashion_mnist --config.train.epochs=2
 """
 
 COMMANDS = ("train", "evaluate", "denoise")
+# The flags each command takes (besides train's --config.KEY=VALUE overrides).
+COMMAND_FLAGS = {
+    "train": ("workdir", "config"),
+    "evaluate": ("workdir", "noise.kind", "noise.level"),
+    "denoise": ("workdir", "output", "invert"),
+}
+HELP_FLAGS = ("h", "help", "helpshort", "helpfull", "?")
 
 
-def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
-    """A fresh set of flags; config_flags reads ``argv`` to know the ``--config.*`` overrides."""
+def _config_keys() -> list[tuple[str, str]]:
+    """Every key of the default config with its default value, flattened."""
+
+    def walk(node: dict, prefix: str) -> list[tuple[str, str]]:
+        rows = []
+        for key, value in node.items():
+            if isinstance(value, dict):
+                rows += walk(value, f"{prefix}{key}.")
+            else:
+                rows.append((f"{prefix}{key}", repr(value)))
+        return rows
+
+    from dae_jax.configs import default
+
+    return walk(default.get_config().to_dict(), "")
+
+
+def command_help(command: str) -> str:
+    """What ``dae-jax COMMAND --help`` prints."""
+    if command == "train":
+        rows = "\n".join(f"  --config.{key}={value}" for key, value in _config_keys())
+        return f"""\
+usage: dae-jax train --workdir=W [--config=NAME|FILE] [--config.KEY=VALUE ...]
+
+Trains a denoising autoencoder and writes the run to W; run it again on the same W
+to resume. Stop with Ctrl-C: a checkpoint is saved first.
+
+flags:
+  --workdir=W          the directory the run writes to (required)
+  --config=NAME|FILE   a config by name: {", ".join(configs.names())} (default: default);
+                       or a Python file with get_config()
+  --config.KEY=VALUE   override one config key
+
+config keys, with the default config's values (meanings: dae_jax/configs/default.py):
+{rows}
+"""
+    if command == "evaluate":
+        return f"""\
+usage: dae-jax evaluate --workdir=W [--noise.kind=KIND] [--noise.level=LEVEL]
+
+Test loss, PSNR and SSIM of W's latest checkpoint, with the run's own config
+(W/config.json) and evaluation key; writes W/evaluation/KIND-LEVEL.json.
+
+flags:
+  --workdir=W          a trained run (required)
+  --noise.kind=KIND    {", ".join(configs.NOISE_KINDS)} (default: the run's)
+  --noise.level=LEVEL  Gaussian: standard deviation; the others: fraction of pixels
+                       (default: the run's)
+"""
+    return """\
+usage: dae-jax denoise --workdir=W --output=DIR [--invert] IMAGE...
+
+Denoises each image with W's model: converts it to 28x28 grayscale (16-bit and
+float images scaled by their range, transparency composited onto black, the aspect
+ratio kept by padding with the image's border colour) and writes DIR/NAME.png and
+DIR/NAME_comparison.png. Never writes over an input or over a file it did not write.
+
+flags:
+  --workdir=W   a trained run (required)
+  --output=DIR  where the outputs go (created if missing; required)
+  --invert      invert the images first: the model knows light objects on a dark
+                background (Fashion-MNIST); use it for dark-on-light images
+"""
+
+
+def _define_flags(command: str, argv: Sequence[str]) -> flags.FlagValues:
+    """A fresh set of ``command``'s flags; config_flags reads ``argv`` for ``--config.*``."""
     values = flags.FlagValues()
-    flags.DEFINE_string("workdir", None, "Directory the run writes to.", flag_values=values)
-    config_flags.DEFINE_config_file(
-        "config",
-        default=str(DEFAULT_CONFIG),
-        help_string="A config file with get_config(); override keys with --config.KEY=VALUE.",
-        flag_values=values,
-        lock_config=True,
-        sys_argv=list(argv),
-    )
-    flags.DEFINE_string("output", None, "denoise: directory for the outputs.", flag_values=values)
-    flags.DEFINE_string(
-        "noise.kind", None, "evaluate: corruption kind (default: the run's).", flag_values=values
-    )
-    flags.DEFINE_float(
-        "noise.level", None, "evaluate: corruption level (default: the run's).", flag_values=values
-    )
+    flags.DEFINE_string("workdir", None, "Directory of the run.", flag_values=values)
+    if command == "train":
+        config_flags.DEFINE_config_file(
+            "config",
+            default=str(DEFAULT_CONFIG),
+            help_string="A config file with get_config(); override keys with --config.KEY=VALUE.",
+            flag_values=values,
+            lock_config=True,
+            sys_argv=list(argv),
+        )
+    elif command == "evaluate":
+        flags.DEFINE_string(
+            "noise.kind", None, "Corruption kind (default: the run's).", flag_values=values
+        )
+        flags.DEFINE_float(
+            "noise.level", None, "Corruption level (default: the run's).", flag_values=values
+        )
+    else:
+        flags.DEFINE_string("output", None, "Directory for the outputs.", flag_values=values)
+        flags.DEFINE_bool("invert", False, "Invert the images first.", flag_values=values)
     return values
 
 
-def _config_file_problem(argv: Sequence[str]) -> str | None:
-    """What is wrong with the ``--config`` file argument, if anything."""
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        elif arg == "--config" and i + 1 < len(argv):
-            path = argv[i + 1]
-        else:
-            continue
-        file = Path(path)
-        if not file.is_file():
-            return (
-                f"--config={path}: no such file; give a Python file with get_config(), "
-                "e.g. dae_jax/configs/seed.py"
+def _flag_names(args: Sequence[str]) -> list[str]:
+    """The names of the flags in ``args`` (``--x=1``, ``-x 1``, ``--nox``), up to ``--``."""
+    found = []
+    for arg in args[1:]:
+        if arg == "--":
+            break
+        if arg.startswith("-") and len(arg) > 1 and not re.fullmatch(r"-[\d.]+", arg):
+            found.append(arg.lstrip("-").split("=", 1)[0])
+    return found
+
+
+def _refused(command: str, name: str) -> str | None:
+    """Why ``--name`` does not apply to ``command`` and what to use instead; None when it
+    is one of the command's flags or no command knows it (absl then says so)."""
+    if name in COMMAND_FLAGS[command] or (command == "train" and name.startswith("config.")):
+        return None
+    if name.startswith("no") and name[2:] in COMMAND_FLAGS[command]:
+        return None  # --noinvert
+    if name == "config" or name.startswith("config."):
+        if command == "evaluate":
+            instead = (
+                f"for other noise use --{name[len('config.') :]}=VALUE"
+                if name in ("config.noise.kind", "config.noise.level")
+                else "it takes only --noise.kind and --noise.level"
             )
-        try:
-            file.read_bytes()
-        except OSError as e:
-            return f"--config={path} cannot be read ({e.strerror}); check its permissions"
+            return (
+                f"--{name} does not apply to evaluate: it evaluates the run as trained, with "
+                f"its own config (W/config.json); {instead}"
+            )
+        return (
+            f"--{name} does not apply to denoise: it uses the run's model as trained; "
+            "it takes only --workdir, --output and --invert"
+        )
+    if name in ("noise.kind", "noise.level"):
+        if command == "train":
+            return (
+                f"--{name} is a flag of evaluate, not train; to train with other noise use "
+                f"--config.{name}=VALUE"
+            )
+        return (
+            f"--{name} does not apply to denoise: it denoises the images as they are; "
+            f"to measure the model under other noise use dae-jax evaluate --{name}=VALUE"
+        )
+    if name in ("output", "invert", "nooutput", "noinvert"):
+        return f"--{name} is a flag of denoise, not {command} (dae-jax {command} --help)"
+    if name in ("flagfile", "undefok"):
+        return (
+            f"--{name} is not supported: put the flags on the command line "
+            "(and settings in a config file: --config=FILE)"
+        )
     return None
 
 
@@ -97,15 +211,19 @@ def _config_error(args: Sequence[str], error: Exception) -> str:
     return f"cannot load the --config file: {type(cause).__name__}: {_one_line(cause)}"
 
 
-def _flag_error(error: Exception) -> str:
+def _flag_error(command: str, error: Exception) -> str:
     message = _one_line(error)
+    unknown = re.search(r"Unknown command line flag '([^']+)'", message)
+    refused = unknown and _refused(command, unknown.group(1))
+    if refused:
+        return refused
     match = re.search(r"Unknown command line flag '(config\.[^']+)'", message)
-    if match:
+    if match and command == "train":
         return (
             f"unknown config key {match.group(1)[len('config.') :]!r} (--{match.group(1)}); "
             "the keys are listed in dae_jax/configs/default.py"
         )
-    return f"{message} (dae-jax --help)"
+    return f"{message} (dae-jax {command} --help)"
 
 
 def _error(message: str, code: int) -> int:
@@ -113,35 +231,84 @@ def _error(message: str, code: int) -> int:
     return code
 
 
-def _one_line(error: Exception) -> str:
+def _one_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return " ".join(lines) if lines else type(error).__name__
 
 
+def _check_backend() -> None:
+    """JAX's devices, or one line when the backend JAX_PLATFORMS names cannot start."""
+    import jax
+
+    try:
+        jax.devices()
+    except (RuntimeError, AssertionError) as e:
+        platforms = os.environ.get("JAX_PLATFORMS", "")
+        if isinstance(e, AssertionError):  # jax 0.10: a platform with no plugin installed
+            reason = "no plugin for it is installed"
+        else:
+            reason = re.sub(r"\s*\(set JAX_PLATFORMS=.*\)\s*$", "", _one_line(e))
+        where = f"JAX_PLATFORMS={platforms}" if platforms else "JAX"
+        raise UserError(
+            f"{where}: JAX cannot start that backend ({reason}); unset JAX_PLATFORMS to use "
+            "what this machine has (the CPU at least), or install the backend's jax package, "
+            "e.g. pip install 'jax[cuda12]' for NVIDIA GPUs",
+            exit_code=1,
+        ) from None
+
+
 def main(argv: Sequence[str]) -> int:
-    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    if len(argv) > 2 and argv[1] == "help" and argv[2] in COMMANDS:
+        print(command_help(argv[2]), end="")
+        return 0
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "-help", "help"):
         print(USAGE, end="")
         return 0 if len(argv) >= 2 else 2
+    if argv[1] in ("--version", "-version", "version"):
+        print(f"dae-jax {dae_jax.__version__}")
+        return 0
     command = argv[1]
     if command not in COMMANDS:
         return _error(
             f"unknown command {command!r}; use one of: {', '.join(COMMANDS)} (dae-jax --help)", 2
         )
     args = [argv[0], *argv[2:]]
-    problem = _config_file_problem(args)
-    if problem:
-        return _error(problem, 2)
+    names = _flag_names(args)
+    if any(name in HELP_FLAGS for name in names):
+        print(command_help(command), end="")
+        return 0
+    if "version" in names:
+        print(f"dae-jax {dae_jax.__version__}")
+        return 0
+    for name in names:
+        refused = _refused(command, name)
+        if refused:
+            return _error(refused, 2)
     try:
-        FLAGS = _define_flags(args)
+        if command == "train":
+            args = configs.resolve_argv(args)
+        FLAGS = _define_flags(command, args)
         positional = FLAGS(args)[1:]
-        config = FLAGS.config
-        config.to_dict()  # a config file may load lazily: surface its errors here
+        if command == "train":
+            config = FLAGS.config
+            config.to_dict()  # a config file may load lazily: surface its errors here
+    except UserError as e:
+        return _error(str(e), e.exit_code)
     except flags.Error as e:
-        return _error(_flag_error(e), 2)
+        return _error(_flag_error(command, e), 2)
     except Exception as e:  # a user's config file can raise anything
         return _error(_config_error(args, e), 2)
     if not FLAGS.workdir:
-        return _error("--workdir is required: the directory the run writes to", 2)
+        hint = (
+            f" (did you mean --workdir={positional[0]}?)"
+            if positional and command != "denoise"
+            else ""
+        )
+        return _error(f"--workdir is required: the directory the run writes to{hint}", 2)
+    if command != "train" and Path(FLAGS.workdir).exists() and not Path(FLAGS.workdir).is_dir():
+        return _error(
+            f"--workdir={FLAGS.workdir} is a file; give the directory of a trained run", 2
+        )
     if command == "denoise":
         if not FLAGS.output:
             return _error("denoise needs --output=DIR: where the denoised images go", 2)
@@ -150,9 +317,11 @@ def main(argv: Sequence[str]) -> int:
                 "denoise needs image files: dae-jax denoise --workdir=W --output=DIR a.png", 2
             )
     elif positional:
-        return _error(f"unexpected argument {positional[0]!r} for {command} (dae-jax --help)", 2)
+        return _error(
+            f"unexpected argument {positional[0]!r} for {command} (dae-jax {command} --help)", 2
+        )
 
-    # Imports jax: only once the command line is known to be good.
+    # Imports the training code: only once the command line is known to be good.
     from absl import logging
 
     from dae_jax import inference, parallel, train
@@ -161,6 +330,7 @@ def main(argv: Sequence[str]) -> int:
 
     try:
         parallel.initialize_distributed()
+        _check_backend()
         if command == "train":
             train.fit(config, FLAGS.workdir)
         elif command == "evaluate":
@@ -170,13 +340,15 @@ def main(argv: Sequence[str]) -> int:
                 noise_level=FLAGS["noise.level"].value,
             )
         else:
-            inference.denoise_files(FLAGS.workdir, FLAGS.output, positional)
+            inference.denoise_files(FLAGS.workdir, FLAGS.output, positional, invert=FLAGS.invert)
     except Interrupted as e:
         print(str(e), file=sys.stderr)
         return e.exit_code
     except UserError as e:
         return _error(str(e), e.exit_code)
     except KeyboardInterrupt:
+        if command != "train":
+            return _error(f"{command} interrupted", 130)
         return _error(
             "interrupted before a checkpoint could be saved; run the same command again to "
             "resume from the last one",

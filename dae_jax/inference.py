@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import re
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from dae_jax import checkpointing, data, train
 from dae_jax.configs import validate
@@ -61,8 +65,6 @@ def evaluate_workdir(
         **{name: float(value) for name, value in values.items()},
     }
     out = workdir / "evaluation" / f"{config.noise.kind}-{float(config.noise.level):g}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
     say(
         f"{workdir} (epoch {run.epoch}) on {len(dataset.test_images)} {dataset.name} test "
         f"images, {config.noise.kind} noise at level {float(config.noise.level):g}:"
@@ -73,27 +75,152 @@ def evaluate_workdir(
         f"SSIM {record['test_ssim_noisy']:.3f} -> {record['test_ssim_denoised']:.3f}  "
         "(noisy input -> reconstruction)"
     )
+    try:
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(record, indent=2) + "\n")
+    except OSError as e:
+        raise UserError(
+            f"the metrics above could not be saved to {out} ({e.strerror or e}); they are "
+            "only printed: make the workdir writable and run evaluate again to keep them",
+            exit_code=1,
+        ) from None
     say(f"Written to {out}")
     return record
 
 
-def load_image(path: Path, warn: Callable[[str], None]) -> np.ndarray:
-    """A user's image as float32 ``[28, 28, 1]`` in [0, 1], converted if it must be."""
+SIDE = 28
+DARK_ON_LIGHT = 0.6  # border median above this: most likely a dark object on a light ground
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def _gray(image: Image.Image, changes: list[str]) -> np.ndarray:
+    """Any Pillow image as float32 grayscale in [0, 1]: 8-bit modes by 255, 16-bit ones by
+    65535, float ones as they are when in [0, 1] (else by their min and max), and
+    transparency composited onto black, the model's background."""
+    mode = image.mode
+    if mode.startswith("I;16"):
+        changes.append("16-bit grayscale scaled by 1/65535")
+        return np.asarray(image, np.float32) / 65535.0
+    if mode in ("I", "F"):
+        pixels = np.asarray(image, np.float64)
+        if not np.isfinite(pixels).all():
+            raise ValueError("it holds NaN or infinite pixel values")
+        low, high = float(pixels.min()), float(pixels.max())
+        if mode == "F" and low >= 0 and high <= 1:
+            return pixels.astype(np.float32)
+        if mode == "I" and low >= 0 and high <= 65535:
+            scale = 255.0 if high <= 255 else 65535.0
+            changes.append(f"{'8' if scale == 255 else '16'}-bit values scaled by 1/{scale:g}")
+            return (pixels / scale).astype(np.float32)
+        changes.append(f"values {low:g}..{high:g} scaled to [0, 1]")
+        span = high - low
+        return ((pixels - low) / span if span > 0 else pixels * 0).astype(np.float32)
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), np.float32) / 255.0
+        transparent = bool((rgba[..., 3] < 1).any())
+        changes.append(
+            f"mode {mode} -> grayscale" + (", transparency composited onto black" * transparent)
+        )
+        gray = rgba[..., :3] @ np.asarray([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as L
+        return gray * rgba[..., 3]
+    if mode != "L":
+        changes.append(f"mode {mode} -> grayscale")
+        image = image.convert("L")
+    return np.asarray(image, np.float32) / 255.0
+
+
+def _border(pixels: np.ndarray) -> float:
+    """The median of the outermost pixels: the image's background, most likely."""
+    edges = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    return float(np.median(edges))
+
+
+def _open_error(path: Path, error: Exception) -> str:
+    if isinstance(error, IsADirectoryError) or path.is_dir():
+        return "it is a directory; give image files"
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, Image.DecompressionBombError | Image.DecompressionBombWarning):
+        match = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(match.group(1)):,} pixels" if match else "too many pixels"
+        return (
+            f"{size} is more than the {Image.MAX_IMAGE_PIXELS:,} it reads (a guard against "
+            "decompression bombs); shrink it first"
+        )
+    if isinstance(error, UnidentifiedImageError):
+        if path.is_file() and path.stat().st_size == 0:
+            return "the file is empty"
+        return "not an image file Pillow can read (PNG, JPEG, TIFF, GIF, BMP, WebP, ...)"
+    if isinstance(error, OSError):
+        if error.strerror:
+            return error.strerror
+        return f"the file is damaged, truncated or of an unsupported kind ({_first_line(error)})"
+    return _first_line(error)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def load_image(path: Path, warn: Callable[[str], None], *, invert: bool = False) -> np.ndarray:
+    """A user's image as float32 ``[28, 28, 1]`` in [0, 1], converted if it must be.
+
+    16-bit and float images are scaled by their range, transparency is composited onto
+    black, a non-square image is padded with its border colour (the aspect ratio is
+    kept) before it is resized, and an animated image gives its first frame.
+    ``invert`` turns dark-on-light images into the light-on-dark ones the model knows;
+    without it, an image that looks dark-on-light gets a note saying so.
+    """
+    changes: list[str] = []
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            image: Image.Image = opened
-            changes = []
-            if image.mode != "L":
-                changes.append(f"mode {image.mode} -> grayscale")
-                image = image.convert("L")
-            if image.size != (28, 28):
-                changes.append(f"size {image.size[0]}x{image.size[1]} -> 28x28")
-                image = image.resize((28, 28), Image.Resampling.LANCZOS)
-            pixels = np.asarray(image, np.float32) / 255.0
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot read image {path}: {reason}", exit_code=1) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                frames = getattr(opened, "n_frames", 1)
+                if frames > 1:
+                    changes.append(f"first of {frames} frames")
+                opened.load()
+                upright: Image.Image = opened
+                if opened.getexif().get(0x0112, 1) in range(2, 9):  # phone photos: EXIF rotation
+                    upright = ImageOps.exif_transpose(opened)
+                    changes.append("turned upright by its EXIF orientation")
+                pixels = _gray(upright, changes)
+    except (
+        OSError,
+        UnidentifiedImageError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as e:
+        raise UserError(f"cannot read image {path}: {_open_error(path, e)}", exit_code=1) from None
+    if pixels.ndim != 2 or 0 in pixels.shape:
+        raise UserError(f"cannot read image {path}: it holds no 2-D image", exit_code=1)
+    background = _border(pixels)
+    height, width = pixels.shape
+    if height != width:
+        side = max(height, width)
+        padded = np.full((side, side), background, np.float32)
+        top, left = (side - height) // 2, (side - width) // 2
+        padded[top : top + height, left : left + width] = pixels
+        pixels = padded
+    if pixels.shape != (SIDE, SIDE):
+        padding = f" (padded to {len(pixels)}x{len(pixels)} first)" if height != width else ""
+        changes.append(f"size {width}x{height} -> {SIDE}x{SIDE}{padding}")
+        resized = Image.fromarray(pixels).resize((SIDE, SIDE), Image.Resampling.LANCZOS)
+        pixels = np.clip(np.asarray(resized, np.float32), 0.0, 1.0)
+    if invert:
+        pixels = 1.0 - pixels
+        changes.append("inverted")
+        if background < 1 - DARK_ON_LIGHT:
+            warn(
+                f"note: {path} already looks light-on-dark (its border is dark); "
+                "--invert made it dark-on-light"
+            )
+    elif background > DARK_ON_LIGHT:
+        warn(
+            f"note: {path} looks dark-on-light (its border is light); the model knows light "
+            "objects on a dark background, like Fashion-MNIST: add --invert"
+        )
     if changes:
         warn(f"warning: {path}: converted ({', '.join(changes)})")
     return pixels[..., None]
@@ -107,42 +234,128 @@ def _comparison(noisy: np.ndarray, denoised: np.ndarray, scale: int = 8) -> Imag
     return image.resize((row.shape[1] * scale, 28 * scale), Image.Resampling.NEAREST)
 
 
+SOFTWARE = "dae-jax denoise"  # the PNG tag that marks a file denoise wrote
+
+
+def _written_by_denoise(path: Path) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.info.get("Software") == SOFTWARE
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+class _Names:
+    """Output names, none shared by two outputs, none on an input or on a file that
+    ``denoise`` did not write: a taken ``x.png`` becomes ``x-2.png``, ``x-3.png``, ..."""
+
+    def __init__(self, output: Path, inputs: Sequence[Path]):
+        self.output = output
+        self.claimed: set[str] = set()
+        self.inputs = set()
+        for path in inputs:
+            try:
+                stat = path.stat()
+                self.inputs.add((stat.st_dev, stat.st_ino))
+            except OSError:
+                pass
+
+    def _taken(self, path: Path) -> str | None:
+        if path.name.casefold() in self.claimed:
+            return "another output"
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            return e.strerror or "unusable"
+        if (stat.st_dev, stat.st_ino) in self.inputs:
+            return "an input"
+        if not path.is_file() or not _written_by_denoise(path):
+            return "a file dae-jax denoise did not write"
+        return None
+
+    def claim(self, stem: str) -> tuple[Path, Path, str]:
+        """``(image, comparison, why the plain name was not used or "")``."""
+        why = ""
+        for k in itertools.count(1):
+            name = stem if k == 1 else f"{stem}-{k}"
+            pair = (self.output / f"{name}.png", self.output / f"{name}_comparison.png")
+            reasons = [(p, r) for p in pair if (r := self._taken(p))]
+            if not reasons:
+                self.claimed.update(p.name.casefold() for p in pair)
+                return pair[0], pair[1], why
+            if not why:
+                why = f"{reasons[0][0]} is {reasons[0][1]}"
+        raise AssertionError("unreachable")
+
+
+def _save(image: Image.Image, path: Path) -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", SOFTWARE)
+    try:
+        image.save(path, format="PNG", pnginfo=info)
+    except OSError as e:
+        raise UserError(
+            f"cannot write {path} ({e.strerror or e}); give another --output", exit_code=1
+        ) from None
+
+
 def denoise_files(
     workdir: str | Path,
     output: str | Path,
     images: Sequence[str | Path],
     *,
+    invert: bool = False,
     say: Callable[[str], None] = print,
     warn: Callable[[str], None] = _stderr,
 ) -> list[Path]:
     """Denoises each image with ``workdir``'s model into ``output``; returns what it wrote.
 
     Each input gives ``<stem>.png`` (the 28x28 reconstruction) and
-    ``<stem>_comparison.png`` (input and reconstruction side by side). An unreadable
-    input is reported in one line and skipped; a ``UserError`` at the end says how many.
+    ``<stem>_comparison.png`` (input and reconstruction side by side). A name that is
+    taken (an input, another output of this call, a file denoise did not write) becomes
+    ``<stem>-2.png`` and so on: nothing is written over. An unreadable input is reported
+    in one line and skipped; a ``UserError`` at the end says how many.
     """
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output={output} is a file; give a directory")
     run = checkpointing.restore(Path(workdir), warn=warn)
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"--output={output} cannot be created ({e.strerror or e}); give a directory you "
+            "can write to",
+            exit_code=1,
+        ) from None
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise UserError(
+            f"--output={output} is not writable; give a directory you can write to", exit_code=1
+        )
+    paths = [Path(name) for name in images]
+    names = _Names(output, paths)
     written: list[Path] = []
     failed = 0
-    for name in images:
-        path = Path(name)
+    for path in paths:
         try:
-            noisy = load_image(path, warn)
+            noisy = load_image(path, warn, invert=invert)
         except UserError as e:
             warn(f"error: {e}")
             failed += 1
             continue
         denoised = np.asarray(run.model(jnp.asarray(noisy[None])))[0]
-        target = output / f"{path.stem}.png"
-        Image.fromarray(np.round(denoised[..., 0] * 255).astype(np.uint8)).save(target)
-        comparison = output / f"{path.stem}_comparison.png"
-        _comparison(noisy, denoised).save(comparison)
+        target, comparison, why = names.claim(path.stem)
+        _save(
+            Image.fromarray(np.round(np.clip(denoised[..., 0], 0, 1) * 255).astype(np.uint8)),
+            target,
+        )
+        _save(_comparison(noisy, denoised), comparison)
         written += [target, comparison]
-        say(f"{path} -> {target}, {comparison}")
+        say(f"{path} -> {target}, {comparison}" + (f" ({why})" if why else ""))
     if failed:
         raise UserError(
             f"{failed} of {len(images)} images could not be read (see above); "

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+import socket
+import sys
+import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -22,6 +25,76 @@ from jax.sharding import PartitionSpec as P
 
 from dae_jax.errors import UserError
 
+DEFAULT_COORDINATOR_TIMEOUT = 300  # seconds; DAE_JAX_COORDINATOR_TIMEOUT overrides it
+_WAIT_NOTICE_SECONDS = 10
+
+
+def _int_variable(environ: Mapping[str, str], name: str, low: int, high: int, what: str) -> int:
+    raw = environ[name]
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        bounds = f">= {low}" if high == sys.maxsize else f"from {low} to {high}"
+        raise UserError(
+            f"{name}={raw} is invalid: it must be {what}, an integer {bounds}; "
+            "fix or unset the launcher's variables"
+        )
+    return value
+
+
+def _coordinator_address(address: str) -> str:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UserError(
+            f"JAX_COORDINATOR_ADDRESS={address} is invalid: it must be HOST:PORT of process 0, "
+            "e.g. host0:1234"
+        )
+    return address
+
+
+def _port_is_free(port: int) -> bool:
+    """Whether this host can listen on ``port`` (JAX's coordinator crashes when it cannot)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT is fine
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def _bounded(join: Callable[[], None], timeout: int, waiting_for: str, advice: str) -> None:
+    """Runs ``join`` (jax.distributed.initialize), saying after a few seconds what it waits
+    for; past ``timeout`` seconds the process ends with one line and exit code 1 (JAX itself
+    would abort with a C++ stack trace, which Python cannot catch)."""
+    done = threading.Event()
+
+    def notice() -> None:
+        notice_at = min(_WAIT_NOTICE_SECONDS, timeout)
+        if not done.wait(notice_at):
+            if timeout > notice_at:
+                print(
+                    f"Waiting for {waiting_for} (up to {timeout} s; "
+                    "DAE_JAX_COORDINATOR_TIMEOUT=SECONDS changes it)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if not done.wait(timeout - notice_at):
+                print(
+                    f"error: gave up after {timeout} s waiting for {waiting_for}; {advice}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(1)
+
+    threading.Thread(target=notice, daemon=True, name="dae-jax-coordinator-wait").start()
+    try:
+        join()
+    finally:
+        done.set()
+
 
 def initialize_distributed(environ: Mapping[str, str] = os.environ) -> bool:
     """Joins a multi-process run when a launcher asked for one; call before any JAX op.
@@ -30,13 +103,24 @@ def initialize_distributed(environ: Mapping[str, str] = os.environ) -> bool:
     ``JAX_PROCESS_ID`` name one explicitly; under SLURM with several tasks JAX reads the
     job's own variables; ``DAE_JAX_DISTRIBUTED=1`` lets JAX detect any other cluster it
     knows (TPU pod slices, Open MPI, GKE). CPU processes talk through gloo collectives.
+    Joining waits at most ``DAE_JAX_COORDINATOR_TIMEOUT`` seconds (default 300), then
+    ends the process with one line on stderr and exit code 1. A bad variable is a
+    ``UserError``.
     """
     explicit = "JAX_COORDINATOR_ADDRESS" in environ
-    slurm = "SLURM_JOB_ID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1
+    slurm = "SLURM_JOB_ID" in environ and "SLURM_NTASKS" in environ
+    if slurm:
+        slurm = _int_variable(environ, "SLURM_NTASKS", 1, sys.maxsize, "the number of tasks") > 1
     asked = environ.get("DAE_JAX_DISTRIBUTED", "") == "1"
     if not (explicit or slurm or asked):
         return False
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    timeout = DEFAULT_COORDINATOR_TIMEOUT
+    if "DAE_JAX_COORDINATOR_TIMEOUT" in environ:
+        timeout = _int_variable(
+            environ, "DAE_JAX_COORDINATOR_TIMEOUT", 1, 10**6, "seconds to wait for the others"
+        )
+    # JAX's own deadline comes later than ours, so ours ends the wait with a clear line.
+    jax_timeout = timeout + 60
     if explicit:
         missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in environ]
         if missing:
@@ -45,13 +129,66 @@ def initialize_distributed(environ: Mapping[str, str] = os.environ) -> bool:
                 f"{'is' if len(missing) == 1 else 'are'} not: set all three for a "
                 "multi-process run, or none"
             )
-        jax.distributed.initialize(
-            coordinator_address=environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(environ["JAX_NUM_PROCESSES"]),
-            process_id=int(environ["JAX_PROCESS_ID"]),
+        address = _coordinator_address(environ["JAX_COORDINATOR_ADDRESS"])
+        num_processes = _int_variable(
+            environ, "JAX_NUM_PROCESSES", 1, 1 << 20, "the number of processes"
+        )
+        process_id = _int_variable(
+            environ, "JAX_PROCESS_ID", 0, num_processes - 1, "this process's index"
+        )
+        port = int(address.rpartition(":")[2])
+        if process_id == 0 and not _port_is_free(port):
+            raise UserError(
+                f"port {port} of JAX_COORDINATOR_ADDRESS={address} is in use on this host, "
+                "where process 0 must listen; pick a free port for every process",
+                exit_code=1,
+            )
+        if process_id == 0:
+            waiting_for = f"the other {num_processes - 1} process(es) to join at {address}"
+            advice = (
+                "start them all with the same JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES "
+                f"and JAX_PROCESS_ID from 1 to {num_processes - 1}, or wait longer with "
+                "DAE_JAX_COORDINATOR_TIMEOUT=SECONDS"
+            )
+        else:
+            waiting_for = f"process 0 (the coordinator) at {address} and the others"
+            advice = (
+                "start process 0 (JAX_PROCESS_ID=0) on that host, check "
+                "JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES, or wait longer with "
+                "DAE_JAX_COORDINATOR_TIMEOUT=SECONDS"
+            )
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        _bounded(
+            lambda: jax.distributed.initialize(
+                coordinator_address=address,
+                num_processes=num_processes,
+                process_id=process_id,
+                initialization_timeout=jax_timeout,
+            ),
+            timeout,
+            waiting_for,
+            advice,
         )
     else:
-        jax.distributed.initialize()
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        why = f"SLURM_NTASKS={environ['SLURM_NTASKS']}" if slurm else "DAE_JAX_DISTRIBUTED=1"
+        try:
+            _bounded(
+                lambda: jax.distributed.initialize(initialization_timeout=jax_timeout),
+                timeout,
+                "every process of the cluster job to join",
+                "check that the launcher started all of them, or wait longer with "
+                "DAE_JAX_COORDINATOR_TIMEOUT=SECONDS",
+            )
+        except (ValueError, RuntimeError) as e:
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise UserError(
+                f"{why} asks for a multi-process run, but JAX finds none to join here "
+                f"({reason}); start every process with the cluster's launcher (srun, mpirun, "
+                "--worker=all on a TPU pod) or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES "
+                "and JAX_PROCESS_ID",
+                exit_code=1,
+            ) from None
     return True
 
 

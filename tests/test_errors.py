@@ -114,14 +114,14 @@ BAD_CONFIGS = [
     (
         ["--config.train.epochs=abc"],
         "error: flag --config.train.epochs=abc: invalid literal for int() with base 10: 'abc' "
-        "(dae-jax --help)",
+        "(dae-jax train --help)",
         2,
     ),
-    (["--bogus"], "error: Unknown command line flag 'bogus' (dae-jax --help)", 2),
+    (["--bogus"], "error: Unknown command line flag 'bogus' (dae-jax train --help)", 2),
     (
         ["--config=no/such/config.py"],
-        "error: --config=no/such/config.py: no such file; give a Python file with get_config(), "
-        "e.g. dae_jax/configs/seed.py",
+        "error: --config=no/such/config.py: no such file or config name; give a Python file "
+        "with get_config() or one of the names default, seed, e.g. --config=seed",
         2,
     ),
 ]
@@ -230,4 +230,7 @@ def test_commands_that_need_a_trained_run(tmp_path, capsys):
     code, lines, _ = run_main(capsys, "denoise", f"--workdir={tmp_path}", "x.png")
     assert (code, lines) == (2, ["error: denoise needs --output=DIR: where the denoised images go"])
     code, lines, _ = run_main(capsys, "train", f"--workdir={tmp_path}", "extra")
-    assert (code, lines) == (2, ["error: unexpected argument 'extra' for train (dae-jax --help)"])
+    assert (code, lines) == (
+        2,
+        ["error: unexpected argument 'extra' for train (dae-jax train --help)"],
+    )

@@ -1,6 +1,8 @@
 """Config files (``get_config()``) and the checks every config passes before anything compiles."""
 
 import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -13,6 +15,36 @@ from dae_jax.models import KINDS as MODEL_KINDS
 
 NOISE_KINDS = tuple(CORRUPTIONS)
 LOSSES = tuple(PER_EXAMPLE)
+
+CONFIG_DIR = Path(__file__).resolve().parent
+# Seeds JAX turns into distinct keys: jax.random.key keeps the low 32 bits of an int
+# (2**32 gives the run of seed 0, -1 the run of 2**32 - 1) and overflows past 2**63.
+SEED_LIMIT = 2**32
+
+
+def names() -> tuple[str, ...]:
+    """The config files shipped with dae_jax, by name: ``--config=seed``."""
+    return tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_")))
+
+
+def resolve(spec: str) -> str:
+    """The config file ``--config=SPEC`` means: an existing file as given, else a shipped
+    config by name (``seed``, ``seed.py`` or ``dae_jax/configs/seed.py`` from any
+    directory, so an installed package needs no checkout). Raises ``UserError`` otherwise."""
+    if Path(spec).is_file():
+        return spec
+    for name in names():
+        if spec in (name, f"{name}.py", f"dae_jax/configs/{name}.py"):
+            return str(CONFIG_DIR / f"{name}.py")
+    if Path(spec).is_dir():
+        raise UserError(
+            f"--config={spec} is a directory; give a Python file with get_config() "
+            f"or one of the names {', '.join(names())}, e.g. --config=seed"
+        )
+    raise UserError(
+        f"--config={spec}: no such file or config name; give a Python file with get_config() "
+        f"or one of the names {', '.join(names())}, e.g. --config=seed"
+    )
 
 
 def _fail(key: str, value: Any, allowed: str) -> UserError:
@@ -27,8 +59,71 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ``UserError`` naming the first bad key, its value and what is allowed."""
+def resolve_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``--config=NAME`` (or ``--config NAME``) turned into the installed
+    config file's path, before absl/config_flags parse it (they take a path only).
+    Raises ``UserError`` for a name that is neither a file nor a shipped config."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        if arg.startswith(("--config=", "-config=")):
+            flag, spec = arg.split("=", 1)
+            path = resolve(spec)
+            out[i] = f"{flag}={path}"
+        elif arg in ("--config", "-config"):
+            if i + 1 >= len(out):
+                raise UserError(
+                    f"--config needs a value: a config name ({', '.join(names())}) or a Python file"
+                )
+            spec = out[i + 1]
+            path = resolve(spec)
+            out[i + 1] = path
+        else:
+            continue
+        try:
+            Path(path).read_bytes()
+        except OSError as e:
+            raise UserError(
+                f"--config={spec} cannot be read ({e.strerror}); check its permissions"
+            ) from None
+    return out
+
+
+def _unknown_keys(config: Any, reference: Any, prefix: str = "") -> list[str]:
+    """Keys of ``config`` that the default config does not have, as dotted paths."""
+    unknown = []
+    for key in config.keys():
+        path = f"{prefix}{key}"
+        if key not in reference:
+            unknown.append(path)
+        elif isinstance(reference[key], ml_collections.ConfigDict) and isinstance(
+            config[key], Mapping | ml_collections.ConfigDict
+        ):
+            unknown += _unknown_keys(config[key], reference[key], f"{path}.")
+    return unknown
+
+
+def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """Raises ``UserError`` naming the first bad key, its value and what is allowed.
+
+    Returns the config as a ``ConfigDict`` (a plain dict, e.g. ``config.to_dict()``,
+    is converted): use the returned value.
+    """
+    from dae_jax.configs import default
+
+    if not isinstance(config, ml_collections.ConfigDict):
+        if not isinstance(config, Mapping):
+            raise UserError(
+                f"a config must be an ml_collections.ConfigDict (or a dict of the same keys), "
+                f"not {type(config).__name__}; start from dae_jax.configs.default.get_config()"
+            )
+        config = ml_collections.ConfigDict(dict(config))
+    unknown = _unknown_keys(config, default.get_config())
+    if unknown:
+        raise UserError(
+            f"unknown config key {unknown[0]!r}; the keys are listed in dae_jax/configs/default.py"
+        )
     checks: list[tuple[str, bool, str]] = []
 
     def check(key: str, ok: bool, allowed: str) -> None:
@@ -45,7 +140,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             ) from None
         return node
 
-    check("seed", _is_int(get("seed")), "must be an integer")
+    seed = get("seed")
+    check(
+        "seed",
+        _is_int(seed) and 0 <= seed < SEED_LIMIT,
+        f"must be an integer from 0 to {SEED_LIMIT - 1} (JAX keys hold 32 bits: any other "
+        "seed repeats the run of one of these, or overflows)",
+    )
     check("compile_cache", isinstance(get("compile_cache"), str), 'must be a directory or ""')
     check("data.name", get("data.name") in DATASETS, f"must be one of {', '.join(DATASETS)}")
     for key in ("data.train_size", "data.test_size"):
@@ -124,3 +225,4 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key, ok, allowed in checks:
         if not ok:
             raise _fail(key, get(key), allowed)
+    return config
