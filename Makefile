@@ -5,10 +5,11 @@ BIN := $(VENV)/bin
 sources := dae_jax experiments tests
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: all install demo test lint format bench fashion-mnist clean
+.PHONY: all install tfds-prepare demo test lint format bench fashion-mnist clean
 
 all: lint test
 
+# The lean set (no TensorFlow) plus the dev tools.
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -17,18 +18,28 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# TensorFlow, which tensorflow-datasets needs to download and prepare a dataset online.
+tfds-prepare: $(VENV)/.tfds-prepare
+
+$(VENV)/.tfds-prepare: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[dev,tfds-prepare]'
+	touch $@
+
 # Fashion-MNIST from Debian's `dataset-fashion-mnist` package (offline, no TensorFlow needed).
-# Elsewhere dae-jax falls back to tensorflow-datasets, which downloads it.
-fashion-mnist:
+# Elsewhere dae-jax falls back to tensorflow-datasets, which downloads and prepares it: that
+# needs TensorFlow, so the tfds-prepare extra is installed then.
+fashion-mnist: install
 	@if [ -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
 	  echo "Fashion-MNIST found in $(FASHION_MNIST_DIR)"; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  echo "Installing Debian package dataset-fashion-mnist"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
-	elif command -v apt-get >/dev/null 2>&1; then \
-	  echo "note: Fashion-MNIST is not installed; run 'sudo apt-get install dataset-fashion-mnist' to use it offline (falling back to tensorflow-datasets)"; \
 	else \
-	  echo "note: no apt-get here; tensorflow-datasets will download Fashion-MNIST"; \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    echo "note: Fashion-MNIST is not installed; run 'sudo apt-get install dataset-fashion-mnist' to use it offline"; \
+	  fi; \
+	  echo "note: tensorflow-datasets will download Fashion-MNIST; installing TensorFlow to prepare it (.[tfds-prepare])"; \
+	  $(MAKE) --no-print-directory tfds-prepare; \
 	fi
 
 # Trains the default config on Fashion-MNIST into runs/demo/. Run again, it resumes an

@@ -189,7 +189,7 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
     """Reads a prepared tfds dataset; downloads and prepares it first when online.
 
     Prepares in ArrayRecord format, which ``tfds.data_source`` reads without TensorFlow;
-    preparing itself needs TensorFlow (installed by ``make install``).
+    preparing itself needs TensorFlow: the ``tfds-prepare`` extra (``make tfds-prepare``).
     """
     import tensorflow_datasets as tfds
 
@@ -201,8 +201,9 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
             builder.download_and_prepare()
         except ImportError as e:
             raise UserError(
-                f"preparing '{name}' with tensorflow-datasets needs the module {e.name}: "
-                "run `make install` (or pip install tensorflow-cpu importlib_resources)",
+                f"preparing '{name}' with tensorflow-datasets needs the module {e.name} "
+                "(an optional extra): pip install 'dae-jax[tfds-prepare]' "
+                "(or `make tfds-prepare` in the repository)",
                 exit_code=1,
             ) from None
         except OSError as e:
