@@ -25,8 +25,8 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.py"
 
 USAGE = """\
 usage: dae-jax train    --workdir=W [--config=NAME|FILE] [--config.KEY=VALUE ...]
-       dae-jax evaluate --workdir=W [--noise.kind=KIND] [--noise.level=LEVEL]
-       dae-jax denoise  --workdir=W --output=DIR [--invert] IMAGE...
+       dae-jax evaluate --workdir=W [--noise.kind=KIND] [--noise.level=LEVEL] [--model=K]
+       dae-jax denoise  --workdir=W --output=DIR [--invert] [--model=K] IMAGE...
        dae-jax COMMAND --help    (that command's flags; train's lists every config key)
        dae-jax --version
 
@@ -47,8 +47,8 @@ COMMANDS = ("train", "evaluate", "denoise")
 # The flags each command takes (besides train's --config.KEY=VALUE overrides).
 COMMAND_FLAGS = {
     "train": ("workdir", "config"),
-    "evaluate": ("workdir", "noise.kind", "noise.level"),
-    "denoise": ("workdir", "output", "invert"),
+    "evaluate": ("workdir", "noise.kind", "noise.level", "model"),
+    "denoise": ("workdir", "output", "invert", "model"),
 }
 HELP_FLAGS = ("h", "help", "helpshort", "helpfull", "?")
 
@@ -91,7 +91,7 @@ config keys, with the default config's values (meanings: dae_jax/configs/default
 """
     if command == "evaluate":
         return f"""\
-usage: dae-jax evaluate --workdir=W [--noise.kind=KIND] [--noise.level=LEVEL]
+usage: dae-jax evaluate --workdir=W [--noise.kind=KIND] [--noise.level=LEVEL] [--model=K]
 
 Test loss, PSNR and SSIM of W's latest checkpoint, with the run's own config
 (W/config.json) and evaluation key; writes W/evaluation/KIND-LEVEL.json.
@@ -101,9 +101,11 @@ flags:
   --noise.kind=KIND    {", ".join(configs.NOISE_KINDS)} (default: the run's)
   --noise.level=LEVEL  Gaussian: standard deviation; the others: fraction of pixels
                        (default: the run's)
+  --model=K            a sweep's population (W/models/<kind>-<loss>/): its model K
+                       (see W/population.json; default 0)
 """
     return """\
-usage: dae-jax denoise --workdir=W --output=DIR [--invert] IMAGE...
+usage: dae-jax denoise --workdir=W --output=DIR [--invert] [--model=K] IMAGE...
 
 Denoises each image with W's model: converts it to 28x28 grayscale (16-bit and
 float images scaled by their range, transparency composited onto black, the aspect
@@ -115,6 +117,7 @@ flags:
   --output=DIR  where the outputs go (created if missing; required)
   --invert      invert the images first: the model knows light objects on a dark
                 background (Fashion-MNIST); use it for dark-on-light images
+  --model=K     a sweep's population (W/models/<kind>-<loss>/): its model K (default 0)
 """
 
 
@@ -141,6 +144,10 @@ def _define_flags(command: str, argv: Sequence[str]) -> flags.FlagValues:
     else:
         flags.DEFINE_string("output", None, "Directory for the outputs.", flag_values=values)
         flags.DEFINE_bool("invert", False, "Invert the images first.", flag_values=values)
+    if command != "train":
+        flags.DEFINE_integer(
+            "model", 0, "Which model of a sweep's population.", lower_bound=0, flag_values=values
+        )
     return values
 
 
@@ -338,9 +345,12 @@ def main(argv: Sequence[str]) -> int:
                 FLAGS.workdir,
                 noise_kind=FLAGS["noise.kind"].value,
                 noise_level=FLAGS["noise.level"].value,
+                model=FLAGS.model,
             )
         else:
-            inference.denoise_files(FLAGS.workdir, FLAGS.output, positional, invert=FLAGS.invert)
+            inference.denoise_files(
+                FLAGS.workdir, FLAGS.output, positional, invert=FLAGS.invert, model=FLAGS.model
+            )
     except Interrupted as e:
         print(str(e), file=sys.stderr)
         return e.exit_code

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import sys
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from dae_jax import checkpointing, data, train
+from dae_jax import checkpointing, data, runfiles, train
 from dae_jax.configs import validate
 from dae_jax.errors import UserError
 
@@ -31,11 +30,14 @@ def evaluate_workdir(
     *,
     noise_kind: str | None = None,
     noise_level: float | None = None,
+    model: int = 0,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Test metrics of ``workdir``'s latest checkpoint, under its own corruption or another.
 
-    Writes ``W/evaluation/<kind>-<level>.json`` and returns the same record.
+    ``model`` picks a member of a sweep's population (its seed and noise level are the
+    defaults then). Writes ``W/evaluation/<kind>-<level>.json`` (``...-model<k>.json``
+    for a population) and returns the same record.
     """
     workdir = Path(workdir)
     config = checkpointing.load_config(workdir)
@@ -44,7 +46,11 @@ def evaluate_workdir(
     if noise_level is not None:
         config.noise.level = noise_level
     validate(config)  # before anything is restored or compiled
-    run = checkpointing.restore(workdir, warn=say)
+    run = checkpointing.restore(workdir, model=model, warn=say)
+    config.seed = run.config.seed  # a population member's own seed and level
+    if noise_level is None:
+        config.noise.level = run.config.noise.level
+    members = len((runfiles.read_json(workdir / "population.json") or {}).get("members", []))
     dataset = data.load(config.data, seed=config.seed)
     graphdef, params = train.nnx.split(run.model)
     setup = train.Setup.from_config(config, graphdef)
@@ -55,6 +61,7 @@ def evaluate_workdir(
     )
     record = {
         "workdir": str(workdir),
+        "model": model,
         "epoch": run.epoch,
         "step": run.step,
         "noise_kind": config.noise.kind,
@@ -64,10 +71,12 @@ def evaluate_workdir(
         "num_test_images": len(dataset.test_images),
         **{name: float(value) for name, value in values.items()},
     }
-    out = workdir / "evaluation" / f"{config.noise.kind}-{float(config.noise.level):g}.json"
+    member = f"-model{model}" if members > 1 else ""
+    out = workdir / "evaluation" / f"{config.noise.kind}-{float(config.noise.level):g}{member}.json"
     say(
-        f"{workdir} (epoch {run.epoch}) on {len(dataset.test_images)} {dataset.name} test "
-        f"images, {config.noise.kind} noise at level {float(config.noise.level):g}:"
+        f"{workdir}{f' model {model}' if member else ''} (epoch {run.epoch}) on "
+        f"{len(dataset.test_images)} {dataset.name} test images, {config.noise.kind} noise "
+        f"at level {float(config.noise.level):g}:"
     )
     say(
         f"  {config.loss} loss {record['test_loss']:.5f}  "
@@ -77,7 +86,7 @@ def evaluate_workdir(
     )
     try:
         out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(record, indent=2) + "\n")
+        out.write_text(runfiles.dumps(record, indent=2) + "\n")
     except OSError as e:
         raise UserError(
             f"the metrics above could not be saved to {out} ({e.strerror or e}); they are "
@@ -309,6 +318,7 @@ def denoise_files(
     images: Sequence[str | Path],
     *,
     invert: bool = False,
+    model: int = 0,
     say: Callable[[str], None] = print,
     warn: Callable[[str], None] = _stderr,
 ) -> list[Path]:
@@ -323,7 +333,7 @@ def denoise_files(
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output={output} is a file; give a directory")
-    run = checkpointing.restore(Path(workdir), warn=warn)
+    run = checkpointing.restore(Path(workdir), model=model, warn=warn)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:

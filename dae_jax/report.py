@@ -197,8 +197,10 @@ def cli(
     flags.DEFINE_string("workdir", None, "Directory for results and figures (resumable).")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (one model per seed and setting).")
     flags.DEFINE_bool("quick", False, "Tiny data, few epochs, one seed: a smoke run.")
-    argv = sys.argv
     try:
+        from dae_jax.configs import resolve_argv
+
+        argv = sys.argv = resolve_argv(sys.argv)  # --config=seed: the installed config
         try:  # the config file is loaded, and its overrides applied, as it is defined
             config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), lock_config=False)
         except Exception as e:

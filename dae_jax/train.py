@@ -113,7 +113,7 @@ def fit(
     ``on_epoch(record, model)`` is called after each epoch with the epoch's metrics
     (the ``metrics.jsonl`` record) and the model: hook a notebook or a tracker there.
     """
-    validate(config)
+    config = validate(config)
     result = engine.run(
         config, workdir, [Member.of(config)], dataset=dataset, log=log, on_epoch=on_epoch
     )
@@ -144,6 +144,7 @@ def fit_many(
     (checkpoints, metrics.jsonl, every model kept for ``dae_jax.restore(W, model=k)``);
     without one it trains in a temporary directory that is removed afterwards.
     """
+    config = validate(config)
     learning_rates = (
         [config.optim.learning_rate] * len(seeds) if learning_rates is None else learning_rates
     )
