@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -145,12 +146,37 @@ class Checkpoints:
         # One process: a host copy (donation-safe). Several: the global arrays, whose
         # shards each process writes (orbax copies them to the host before returning).
         host_state = jax.tree.map(np.array, state) if jax.process_count() == 1 else state
-        self.manager.save(
-            int(meta["step"]),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(host_state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
+        step = int(meta["step"])
+        self._check_space(host_state, step)
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(host_state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+        except Exception as e:  # an earlier asynchronous save's failure surfaces here too
+            raise self._save_failed(step, e) from None
+
+    def _check_space(self, state: Any, step: int) -> None:
+        """Stops before a save that cannot fit, keeping every checkpoint already written."""
+        needed = sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(state)) + 2**20
+        free = shutil.disk_usage(
+            self.directory if self.directory.exists() else self.directory.parent
+        ).free
+        if free < 2 * needed:  # the new save is written before an old one is removed
+            raise self._save_failed(
+                step, OSError(f"{free / 2**20:.0f} MiB free, {2 * needed / 2**20:.0f} MiB needed")
+            )
+
+    def _save_failed(self, step: int, e: Exception) -> UserError:
+        steps = [s for s in self.steps() if s != step]
+        kept = f"the last good one is {self.path(steps[-1])}" if steps else "none was saved before"
+        return UserError(
+            f"cannot save checkpoint {step} in {self.directory} ({_first_line(e)}): {kept}; "
+            "free disk space (or move the workdir) and run the same command again to resume",
+            exit_code=1,
         )
 
     def restore_latest(
@@ -216,9 +242,15 @@ class Checkpoints:
         return self.directory / str(step)
 
     def close(self) -> None:
-        """Waits for every save in flight, then releases the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for every save in flight, then releases the manager; a save that failed
+        (a full disk) ends in one line."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            steps = self.steps()
+            raise self._save_failed(steps[-1] if steps else -1, e) from None
+        finally:
+            self.manager.close()
 
 
 def load_config(workdir: Path) -> ml_collections.ConfigDict:

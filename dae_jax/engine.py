@@ -277,6 +277,8 @@ class _Loop:
             workdir / "checkpoints", keep=config.checkpoint.keep, warn=self.say
         )
         self.metrics_path = workdir / "metrics.jsonl"
+        self.stop = _StopSignals()
+        self.first_step: float | None = None
 
     # ------------------------------------------------------------ state and files
 
@@ -404,20 +406,14 @@ class _Loop:
             self.workdir / "tensorboard", self.k, bool(self.config.get("tensorboard", True))
         )
         try:
-            state, first_step, compile_seconds, train_seconds = self._epochs(
-                state, position, history, writer, on_epoch
-            )
-            return self._finish(
-                state,
-                position,
-                history,
-                restored,
-                first_step,
-                compile_seconds,
-                train_seconds,
-                figures,
-                writer,
-            )
+            with self.stop:  # a stop signal after the last chunk: the run just finishes
+                state, first_step, compile_seconds, train_seconds = self._epochs(
+                    state, position, history, writer, on_epoch
+                )
+                return self._finish(
+                    state, position, history, restored, first_step, compile_seconds,
+                    train_seconds, figures, writer,
+                )  # fmt: skip
         finally:
             writer.close()
             self.tensorboard.close()
@@ -504,68 +500,69 @@ class _Loop:
         self.say, say = progress, self.say
         profile_steps = int(config.get("profile_steps", 0))
         profiler = runfiles.Profiler(profile_steps, self.workdir / "profile", self.say)
-        train_seconds, first_step = 0.0, None
+        train_seconds, self.first_step = 0.0, None
+        stop = self.stop
         try:
-            with _StopSignals() as stop:
-                for epoch in range(position.epochs_done + 1, epochs + 1):
-                    first = position.step_in_epoch
-                    epoch_start = time.perf_counter()
-                    order = self._orders(inputs["shuffle"], epoch)
-                    pending: list[tuple[int, int, jax.Array, jax.Array]] = []
-                    for start, length in chunks(self.steps, config.train.log_every, first):
-                        if first_step is None:
-                            first_step = time.perf_counter() - self.started
-                            self.say(f"First training step {first_step:.1f} s after the start")
-                        profiler.before_chunk()
-                        state, alive, chunk_losses = programs[length](
-                            state,
-                            alive,
-                            inputs["images"],
-                            order,
-                            jnp.int32(start),
-                            inputs["noise"],
-                            inputs["hyper"],
-                        )
-                        profiler.after_chunk(length, chunk_losses)
-                        while pending:  # dispatch the next chunk before reading this one
-                            self._report(epoch, position, *pending.pop())
-                        pending.append((start + length, length, chunk_losses, alive))
-                        if stop.signum is not None and start + length < self.steps:
-                            self._report(epoch, position, *pending.pop())
-                            self._save(state, position)
-                            raise self._stopped(
-                                stop.signum,
-                                position,
-                                f"in epoch {epoch} at "
-                                f"step {position.step_in_epoch} of {self.steps}",
-                            )
-                    while pending:
-                        self._report(epoch, position, *pending.pop())
-                    epoch_seconds = time.perf_counter() - epoch_start
-                    train_seconds += epoch_seconds
-                    self._end_epoch(
-                        epoch,
-                        first,
-                        epoch_seconds,
-                        state,
-                        evaluate,
-                        inputs,
-                        position,
-                        history,
-                        writer,
-                        on_epoch,
-                    )
-                    if epoch % config.checkpoint.every_epochs == 0 or epoch == epochs:
+            for epoch in range(position.epochs_done + 1, epochs + 1):
+                first = position.step_in_epoch
+                epoch_start = time.perf_counter()
+                state, alive = self._train_epoch(
+                    epoch, state, alive, programs, inputs, position, profiler
+                )
+                epoch_seconds = time.perf_counter() - epoch_start
+                train_seconds += epoch_seconds
+                self._end_epoch(
+                    epoch, first, epoch_seconds, state, evaluate, inputs, position, history,
+                    writer, on_epoch,
+                )  # fmt: skip
+                if epoch % config.checkpoint.every_epochs == 0 or epoch == epochs:
+                    self._save(state, position)
+                if stop.signum is not None and epoch < epochs:
+                    if epoch % config.checkpoint.every_epochs:
                         self._save(state, position)
-                    if stop.signum is not None and epoch < epochs:
-                        if epoch % config.checkpoint.every_epochs:
-                            self._save(state, position)
-                        raise self._stopped(stop.signum, position, f"after epoch {epoch}")
+                    raise self._stopped(stop.signum, position, f"after epoch {epoch}")
         finally:
             profiler.stop()
             progress.close()
             self.say = say
-        return state, first_step, compile_seconds, train_seconds
+        return state, self.first_step, compile_seconds, train_seconds
+
+    def _train_epoch(
+        self,
+        epoch: int,
+        state: TrainState,
+        alive: jax.Array,
+        programs: dict[int, Any],
+        inputs: dict[str, Any],
+        position: _Position,
+        profiler: runfiles.Profiler,
+    ) -> tuple[TrainState, jax.Array]:
+        """The epoch's chunks from ``position`` on; a stop signal saves mid-epoch."""
+        order = self._orders(inputs["shuffle"], epoch)
+        pending: list[tuple[int, int, jax.Array, jax.Array]] = []
+        for start, length in chunks(
+            self.steps, self.config.train.log_every, position.step_in_epoch
+        ):
+            if self.first_step is None:
+                self.first_step = time.perf_counter() - self.started
+                self.say(f"First training step {self.first_step:.1f} s after the start")
+            profiler.before_chunk()
+            state, alive, chunk_losses = programs[length](
+                state, alive, inputs["images"], order, jnp.int32(start), inputs["noise"],
+                inputs["hyper"],
+            )  # fmt: skip
+            profiler.after_chunk(length, chunk_losses)
+            while pending:  # dispatch the next chunk before reading this one
+                self._report(epoch, position, *pending.pop())
+            pending.append((start + length, length, chunk_losses, alive))
+            if self.stop.signum is not None and start + length < self.steps:
+                self._report(epoch, position, *pending.pop())
+                self._save(state, position)
+                where = f"in epoch {epoch} at step {position.step_in_epoch} of {self.steps}"
+                raise self._stopped(self.stop.signum, position, where)
+        while pending:
+            self._report(epoch, position, *pending.pop())
+        return state, alive
 
     def _what(self) -> str:
         return "1 model" if self.k == 1 else f"{self.k} models at once"

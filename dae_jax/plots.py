@@ -2,6 +2,7 @@
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -205,10 +206,15 @@ def accuracy_vs_labels(path: Path, rows, variants: Sequence[str]) -> None:
         )
         ax.errorbar(fractions, means, yerr=stds, marker="o", capsize=3, label=variant)
     ax.set_xscale("log")
-    ax.set_xlabel("fraction of training labels used in fine-tuning")
-    ax.set_ylabel("test accuracy")
+    _finish(fig, ax, path, "fraction of training labels used in fine-tuning", "test accuracy")
+
+
+def _finish(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, legend: int = 8) -> None:
+    """Labels, grid and legend, then the file."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=legend)
     _save(fig, path)
 
 
@@ -230,9 +236,5 @@ def roc_figure(path: Path, curves: dict) -> None:
     for name, (fpr, tpr) in curves.items():
         ax.plot(fpr, tpr, linewidth=1.2, label=name)
     ax.plot([0, 1], [0, 1], "k:", linewidth=1, label="chance")
-    ax.set_xlabel("false-positive rate")
-    ax.set_ylabel("true-positive rate")
     ax.set_title("held-out class vs the rest, by reconstruction error")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, "false-positive rate", "true-positive rate")

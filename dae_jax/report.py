@@ -153,11 +153,10 @@ def _config_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[st
     return lines
 
 
-def _help(experiment: str, config: ml_collections.ConfigDict) -> str:
+def _help(experiment: str, config: ml_collections.ConfigDict, doc: str | None) -> str:
     from absl import flags
 
-    main = sys.modules["__main__"]
-    doc = (main.__doc__ or experiment).strip()
+    doc = (doc or experiment).strip()
     own = [
         flags.FLAGS.module_help(module)
         for module in flags.FLAGS.flags_by_module_dict()
@@ -182,12 +181,13 @@ def cli(
     *,
     quick: Callable[[ml_collections.ConfigDict], None],
     owns: Mapping[str, str] | None = None,
+    doc: str | None = None,
 ) -> None:
     """An absl main: parses the shared flags, validates the config, then calls
     ``run(config=..., seeds=..., workdir=..., quick=..., command=...)``; a user mistake
     ends in one line on stderr. ``quick(config)`` shrinks the config for ``--quick``;
     ``owns`` maps the config keys the script sets itself to what the user gives instead
-    (they are refused as ``--config.KEY``)."""
+    (they are refused as ``--config.KEY``); ``doc`` (the script's docstring) opens ``--help``."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -207,7 +207,7 @@ def cli(
             raise UserError(_config_problem(argv, e)) from None
         if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv[1:]):
             flags.FLAGS(argv[:1])
-            print(_help(experiment, flags.FLAGS.config))
+            print(_help(experiment, flags.FLAGS.config, doc))
             sys.exit(0)
         _refuse_owned(argv, owns or {})
         try:

@@ -530,6 +530,7 @@ def cli(
     experiment: str,
     make_arms: Callable[[ml_collections.ConfigDict], list[Arm]],
     owns: dict[str, str] | None = None,
+    doc: str | None = None,
 ) -> None:
     """The shared command line of the sweep scripts (``report.cli``'s flags)::
 
@@ -575,4 +576,6 @@ def cli(
                 validate(check)
         run(experiment, config, arms, seeds, workdir, command=command)
 
-    report.cli(experiment, run_sweep, quick=quick, owns={**report.SWEPT_KEYS, **(owns or {})})
+    report.cli(
+        experiment, run_sweep, quick=quick, owns={**report.SWEPT_KEYS, **(owns or {})}, doc=doc
+    )

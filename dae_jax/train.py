@@ -6,6 +6,7 @@ faces of the one loop in ``dae_jax.engine``; the step's building blocks are in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -159,25 +160,11 @@ def fit_many(
     ]
     for member in members:
         validate(member.config(config))
+    run = functools.partial(
+        engine.run, config, members=members, dataset=dataset, train_indices=train_indices,
+        log=log, on_epoch=on_epoch, figures=False,
+    )  # fmt: skip
     if workdir is not None:
-        return engine.run(
-            config,
-            workdir,
-            members,
-            dataset=dataset,
-            train_indices=train_indices,
-            log=log,
-            on_epoch=on_epoch,
-            figures=False,
-        )
+        return run(workdir=workdir)
     with tempfile.TemporaryDirectory(prefix="dae_jax-population-") as scratch:
-        return engine.run(
-            config,
-            Path(scratch) / "run",
-            members,
-            dataset=dataset,
-            train_indices=train_indices,
-            log=log,
-            on_epoch=on_epoch,
-            figures=False,
-        )
+        return run(workdir=Path(scratch) / "run")

@@ -1,33 +1,10 @@
 """Anomaly detection with DAEs: train on all classes but one, score test images.
 
-    python experiments/anomaly.py --workdir=runs/anomaly [--quick] [--seeds=0,1,2]
-        [--classes=0,1,...] [--config.model.kind=conv]
-
-One DAE per held-out class and seed, all trained in one vmapped program on the other
-classes; test images are scored by reconstruction error and by the distance between
-the clean image and the denoised corrupted one. Reports AUROC per held-out class and
-its mean (mean ± std over seeds), and ROC curves.
+A thin main: the script is ``dae_jax/experiments/anomaly.py`` (from an installed package:
+``python -m dae_jax.experiments.anomaly``); ``--help`` shows its flags.
 """
 
-from absl import flags
-
-from dae_jax import anomaly, report
-
-flags.DEFINE_list("classes", [], "Held-out classes (default: every class).")
-FLAGS = flags.FLAGS
-
-
-def quick(config):
-    config.data.train_size, config.data.test_size = 1024, 512
-    config.train.epochs = 1
-
-
-def run(config, seeds, workdir, quick, command):
-    classes = report.numbers("classes", FLAGS.classes, int, "0,6") or None
-    if quick and classes is None:
-        classes = [0, 1]
-    anomaly.run_experiment(config, seeds, workdir, classes=classes, command=command)
-
+from dae_jax.experiments.anomaly import main
 
 if __name__ == "__main__":
-    report.cli("anomaly", run, quick=quick)
+    main()

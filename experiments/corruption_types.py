@@ -1,21 +1,10 @@
 """Gaussian vs masking vs salt-and-pepper corruption, each over its own levels.
 
-    python experiments/corruption_types.py --workdir=runs/corruption_types [--quick]
-
-Gaussian: sigma in {0.1, 0.25, 0.5}; masking and salt-and-pepper: fraction of pixels
-in {0.1, 0.25, 0.5}; 3 seeds each. Same evaluation and outputs as noise_sweep.py.
+A thin main: the script is ``dae_jax/experiments/corruption_types.py`` (from an installed package:
+``python -m dae_jax.experiments.corruption_types``); ``--help`` shows its flags.
 """
 
-from dae_jax import sweep
-
-LEVELS = (0.1, 0.25, 0.5)
+from dae_jax.experiments.corruption_types import main
 
 if __name__ == "__main__":
-    sweep.cli(
-        "corruption_types",
-        lambda config: [
-            sweep.Arm(kind, config.loss, LEVELS)
-            for kind in ("gaussian", "masking", "salt_and_pepper")
-        ],
-        owns={"noise.kind": "this script trains every noise kind itself"},
-    )
+    main()

@@ -1,19 +1,10 @@
 """How does the noise level change what a DAE learns?
 
-    python experiments/noise_sweep.py --workdir=runs/noise_sweep [--quick] [--seeds=0,1,2]
-        [--levels=0,0.1,0.2,0.3,0.5,0.75,1] [--learning_rates=1e-3] [--config.noise.kind=gaussian]
-
-Trains the default config at sigma in {0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0} x 3 seeds
-(sigma 0 is a plain autoencoder), every model in one vmapped program; scores every
-model at every test sigma against clip / Gaussian blur / median filter tuned per
-level, and probes each encoder's codes with logistic regression. The noise kind is
-the config's (``--config.noise.kind``; Gaussian by default). Killed, the same
-command resumes it.
+A thin main: the script is ``dae_jax/experiments/noise_sweep.py`` (from an installed package:
+``python -m dae_jax.experiments.noise_sweep``); ``--help`` shows its flags.
 """
 
-from dae_jax import sweep
-
-LEVELS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+from dae_jax.experiments.noise_sweep import main
 
 if __name__ == "__main__":
-    sweep.cli("noise_sweep", lambda config: [sweep.Arm(config.noise.kind, config.loss, LEVELS)])
+    main()

@@ -213,3 +213,28 @@ def test_tensorboard_profile_and_epoch_callback(tmp_path):
 def test_tensorboard_can_be_turned_off(tmp_path):
     train.fit(tiny_config(tensorboard=False, **{"train.epochs": 1}), tmp_path, log=_quiet)
     assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "profile").exists()
+
+
+def test_a_full_disk_stops_at_the_first_save_keeping_the_last_good_one(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from dae_jax import checkpointing
+
+    config = tiny_config(**{"train.epochs": 1})
+    train.fit(config, tmp_path, log=_quiet)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: usage(1, 1, 2**20))
+    config.train.epochs = 3
+    with pytest.raises(UserError) as error:
+        train.fit(config, tmp_path, log=_quiet)
+    assert str(error.value).startswith(
+        f"cannot save checkpoint 16 in {tmp_path / 'checkpoints'} (1 MiB free, "
+    )
+    assert str(error.value).endswith(
+        f"the last good one is {tmp_path / 'checkpoints' / '8'}; free disk space (or move the "
+        "workdir) and run the same command again to resume"
+    )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["8"]
+    monkeypatch.undo()  # space again: the run resumes from epoch 1 and finishes
+    result = train.fit(config, tmp_path, log=_quiet)
+    assert result.summary["resumed_from_step"] == 8 and len(result.history) == 3

@@ -100,15 +100,25 @@ def test_import_uses_the_wheel_and_not_tensorflow(venv, tmp_path):
 def test_console_script_trains_from_another_directory(venv, tmp_path):
     flags = [f for f in TINY_FLAGS if not f.startswith("--config.train.epochs=")]
     run(
-        venv / "bin" / "dae-jax", "train", "--workdir=run", *flags, "--config.train.epochs=1",
-        cwd=tmp_path,
+        venv / "bin" / "dae-jax", "train", "--workdir=run", "--config=seed", *flags,
+        "--config.train.epochs=1", cwd=tmp_path,
     )  # fmt: skip
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["noise"]["level"] == 1.0  # the tutorial's, from the wheel's seed.py
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["data_source"] == "synthetic"
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     events = [json.loads(line)["event"] for line in lines]
     assert events.count("epoch") == 1 and events[-1] == "end"
     assert (tmp_path / "run" / "figures" / "denoising.png").stat().st_size > 0
+
+
+def test_experiments_run_from_the_installed_package(venv, tmp_path):
+    """``python -m dae_jax.experiments.NAME`` needs no checkout."""
+    script = run(
+        venv / "bin" / "python", "-m", "dae_jax.experiments.noise_sweep", "--help", cwd=tmp_path
+    )
+    assert "--levels" in script.stdout and "--learning_rates" in script.stdout
 
 
 def test_preparing_without_tensorflow_names_the_extra(tmp_path):
