@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dae_jax import data, metrics, plots, report, train
+from dae_jax import baselines, data, metrics, plots, report, train
 
 METRICS = ("psnr", "ssim", "mse")
 
@@ -103,7 +103,7 @@ def run(
                 }
             )
 
-    pixels = metrics.linear_probe(
+    pixels = baselines.linear_probe(
         dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels
     )
     add(
@@ -134,7 +134,7 @@ def run(
             test_level=level,
             values=_scores(noisy, clean_test),
         )
-        for name, best in metrics.best_classical(noisy, clean_test).items():
+        for name, best in baselines.best_classical(noisy, clean_test).items():
             add(
                 name,
                 None,
@@ -184,7 +184,7 @@ def run(
                 )
                 if seed == seeds[0] and test_level == level:
                     examples[f"{arm.name} {level:g}"] = (noisy[:6], denoised[:6])
-            probe = metrics.linear_probe(
+            probe = baselines.linear_probe(
                 model.encode(clean_train),
                 dataset.train_labels,
                 model.encode(clean_test),
@@ -224,7 +224,7 @@ def summary_table(rows: list[dict[str, Any]], arms: Sequence[Arm]) -> list[dict[
             at = {"test_kind": arm.kind, "test_level": level}
             classical = max(
                 (pick(model=name, metric="psnr", **at) or [float("-inf")])[0]
-                for name in metrics.CLASSICAL
+                for name in baselines.CLASSICAL
             )
             psnr = pick(model=arm.name, train_level=level, metric="psnr", **at)
             lines.append(
