@@ -346,7 +346,7 @@ def linear_probe(
         jnp.asarray(grid, jnp.float32),
         jnp.float32(tolerance),
         num_classes=num_classes,
-        heldout=min(heldout, len(train_y) // 5),
+        heldout=max(1, min(heldout, len(train_y) // 5)),
         max_iterations=max_iterations,
     )
     result = jax.device_get(result)
