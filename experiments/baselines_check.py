@@ -72,7 +72,7 @@ def main() -> None:
         whole = baselines.best_classical(noisy, clean)
         noisy_psnr = float(jnp.mean(metrics.psnr(noisy[:count], clean[:count])))
         bm3d = subset["bm3d"]
-        per_image = bm3d["seconds"] / (bm3d["images"] * len(baselines.BM3D_FACTORS))
+        per_image = bm3d["seconds"] / (bm3d["images"] * len(baselines.BM3D_FACTORS[args.clip]))
         out["levels"][level] = {
             "subset": subset,
             "all": whole,

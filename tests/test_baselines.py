@@ -53,8 +53,18 @@ def test_bm3d_improves_psnr_tuned_per_level_on_a_subset(clip):
         subset_noisy_psnr = float(jnp.mean(metrics.psnr(jnp.clip(noisy[:4], 0, 1), clean[:4])))
         assert bm3d["psnr"] > subset_noisy_psnr + 5
         assert bm3d["psnr"] > best["gaussian_blur"]["psnr"]  # sharp edges: BM3D beats a blur
-        assert bm3d["parameter"] in [pytest.approx(f * level) for f in baselines.BM3D_FACTORS]
+        factors = baselines.BM3D_FACTORS[clip]
+        assert bm3d["parameter"] in [pytest.approx(f * level) for f in factors]
         results[level] = bm3d["parameter"]
+        scores = [  # the chosen sigma_psd is the best of the grid on these images
+            float(jnp.mean(metrics.psnr(jnp.asarray(out), clean[:4])))
+            for out in (
+                baselines.bm3d_denoise(noisy[:4], f * level, clipped_sigma=level if clip else 0)
+                for f in factors
+            )
+        ]
+        assert bm3d["psnr"] == pytest.approx(max(scores), abs=1e-4)
+        assert bm3d["parameter"] == pytest.approx(factors[int(np.argmax(scores))] * level)
     assert results[0.3] > results[0.1]  # tuned per level
 
 
