@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import logging
 import shutil
 import sys
 from collections.abc import Callable
@@ -95,6 +96,10 @@ def _ignore_orbax_read_coroutines() -> None:
 
     hook._dae_jax = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+    # The read tasks that failed with it are reported by asyncio when collected.
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not record.getMessage().startswith("Task exception was never retrieved")
+    )
 
 
 def _on_this_host(abstract: Any) -> Any:

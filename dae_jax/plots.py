@@ -115,6 +115,7 @@ def sweep_figures(directory: Path, rows, arms, lines, examples, clean: np.ndarra
                 ("clip", "--"),
                 ("gaussian_blur", "--"),
                 ("median_filter", "--"),
+                ("bm3d", "-."),
             ):
                 points = sorted(
                     (r["test_level"], r["value"])

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dae_jax import checkpointing, data, metrics, plots, report, runfiles, train
+from dae_jax import baselines, checkpointing, data, metrics, plots, report, runfiles, train
 from dae_jax.configs import validate
 from dae_jax.errors import UserError
 
@@ -192,10 +192,16 @@ def _run(
         )
         for i, (kind, level) in enumerate(test_grid)
     }
+    clipped = bool(config.noise.clip)
     rows = stages.rows(
         "references",
-        lambda: _reference_rows(experiment, dataset, noisy_by_test, clean_test, log),
+        lambda: _reference_rows(experiment, dataset, noisy_by_test, clean_test, clipped, log),
     )
+    subsets = {
+        (r["test_kind"], r["test_level"]): int(r["images"])
+        for r in rows
+        if r["model"] == "bm3d" and r["metric"] == "psnr"
+    }
     examples: dict[str, Any] = {}
     for population in dict.fromkeys(arm.population for arm in arms):
         group = [arm for arm in arms if arm.population == population]
@@ -203,8 +209,15 @@ def _run(
         rows += stages.rows(
             f"scores-{population}",
             functools.partial(
-                _score_population, experiment, result, members, dataset, noisy_by_test, clean_test
-            ),
+                _score_population,
+                experiment,
+                result,
+                members,
+                dataset,
+                noisy_by_test,
+                clean_test,
+                subsets,
+            ),  # fmt: skip
         )
         for k, (arm, level, seed) in enumerate(members):
             if seed == seeds[0]:
@@ -222,10 +235,11 @@ def _reference_rows(
     dataset: data.Dataset,
     noisy_by_test: dict,
     clean_test: jax.Array,
+    clipped: bool,
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """The raw-pixel probe, the noisy input and the classical denoisers at each test level."""
-    pixels = metrics.linear_probe(
+    pixels = baselines.linear_probe(
         dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels
     )
     log(f"linear probe on raw pixels: test accuracy {pixels['test_accuracy']:.4f}")
@@ -246,22 +260,31 @@ def _reference_rows(
         at = {"test_kind": kind, "test_level": level}
         for metric, value in _scores(noisy, clean_test).items():
             rows.append(_row(experiment, "noisy input", None, None, None, metric, value, **at))
-        for name, best in metrics.best_classical(noisy, clean_test).items():
+        for name, best in _references(noisy, clean_test, kind, level, clipped, log).items():
+            extra = {"images": best["images"]} if name == "bm3d" else {}
             for metric in METRICS:
                 rows.append(
                     _row(
-                        experiment,
-                        name,
-                        None,
-                        None,
-                        None,
-                        metric,
-                        best[metric],
-                        parameter=best["parameter"],
-                        **at,
+                        experiment, name, None, None, None, metric, best[metric],
+                        parameter=best["parameter"], seconds=best["seconds"], **extra, **at,
                     )
-                )
+                )  # fmt: skip
     return rows
+
+
+def _references(
+    noisy: jax.Array, clean: jax.Array, kind: str, level: float, clipped: bool, log: Callable
+) -> dict[str, dict[str, float]]:
+    """The classical denoisers tuned at this level; BM3D too (Gaussian noise) when the
+    bm3d package is installed, else a warning and the others."""
+    try:
+        return baselines.best_classical(
+            noisy, clean, noise=kind, level=level, clipped=clipped,
+            bm3d_images=min(baselines.BM3D_IMAGES, len(noisy) // 4),
+        )  # fmt: skip
+    except UserError as e:
+        log(f"warning: no BM3D reference: {e}")
+        return baselines.best_classical(noisy, clean)
 
 
 def _train_population(
@@ -298,9 +321,11 @@ def _score_population(
     dataset: data.Dataset,
     noisy_by_test: dict,
     clean_test: jax.Array,
+    subsets: dict[tuple[str, float], int],
 ) -> list[dict[str, Any]]:
-    """Each model's final train loss, its scores at every test level of its noise kind,
-    and a linear probe of its codes; a diverged model's epoch is recorded too."""
+    """Each model's final train loss, its scores at every test level of its noise kind
+    (and, where BM3D was scored on the first N images only, ``*_subset`` scores on the
+    same N), and a linear probe of its codes; a diverged model's epoch is recorded too."""
     clean_train = train.to_float(jnp.asarray(dataset.train_images))
     rows = []
     for k, (arm, level, seed) in enumerate(members):
@@ -314,20 +339,14 @@ def _score_population(
             arm: Arm = arm,
             level: float = level,
             seed: int = seed,
+            **extra: Any,
         ) -> None:
             rows.append(
                 _row(
-                    experiment,
-                    arm.name,
-                    arm,
-                    level,
-                    seed,
-                    metric,
-                    value,
-                    test_kind=test_kind,
-                    test_level=test_level,
+                    experiment, arm.name, arm, level, seed, metric, value,
+                    test_kind=test_kind, test_level=test_level, **extra,
                 )
-            )
+            )  # fmt: skip
 
         add("final_train_loss", result.final(k)["train_loss"])
         if k in result.diverged:
@@ -337,7 +356,11 @@ def _score_population(
                 denoised = model(noisy_by_test[test_kind, test_level])
                 for metric, value in _scores(denoised, clean_test).items():
                     add(metric, value, test_kind, test_level)
-        probe = metrics.linear_probe(
+                n = subsets.get((test_kind, test_level))
+                if n:
+                    for metric, value in _scores(denoised[:n], clean_test[:n]).items():
+                        add(f"{metric}_subset", value, test_kind, test_level, images=n)
+        probe = baselines.linear_probe(
             model.encode(clean_train),
             dataset.train_labels,
             model.encode(clean_test),
@@ -376,7 +399,7 @@ def summary_table(rows: list[dict[str, Any]], arms: Sequence[Arm]) -> list[dict[
             at = {"test_kind": arm.kind, "test_level": level}
             classical = max(
                 (pick(model=name, metric="psnr", **at) or [float("-inf")])[0]
-                for name in metrics.CLASSICAL
+                for name in baselines.CLASSICAL
             )
             diverged = set(
                 r["seed"]
@@ -397,6 +420,18 @@ def summary_table(rows: list[dict[str, Any]], arms: Sequence[Arm]) -> list[dict[
                     "gain_db": (statistics.fmean(psnr) if psnr else math.nan) - classical,
                     "probe": report.mean_std(of_models(arm, level, "probe_accuracy")),
                     "diverged": len(diverged),
+                    "bm3d_psnr": (pick(model="bm3d", metric="psnr", **at) or [math.nan])[0],
+                    "psnr_subset": report.mean_std(of_models(arm, level, "psnr_subset", **at)),
+                    "subset_images": next(
+                        (
+                            r["images"]
+                            for r in rows
+                            if r["model"] == "bm3d"
+                            and r.get("test_level") == level
+                            and r.get("test_kind") == arm.kind
+                        ),
+                        0,
+                    ),
                 }
             )
     return lines
@@ -441,6 +476,7 @@ def _markdown(lines: list[dict[str, Any]], pixel_probe: float, header: str) -> s
             f"{_number(line['best_classical_psnr'], 2)} | {cell(line, 'psnr', 2)} | "
             f"{cell(line, 'gain_db', 2)} | {cell(line, 'ssim', 3)} | {cell(line, 'probe', 4)} |"
         )
+    out += _bm3d_table(lines)
     out += [
         "",
         f"Linear probe on raw pixels: {pixel_probe:.4f}. At level 0 the input is the clean "
@@ -448,6 +484,29 @@ def _markdown(lines: list[dict[str, Any]], pixel_probe: float, header: str) -> s
         '(results.json writes it as the string "Infinity").',
     ]
     return "\n".join(out) + "\n"
+
+
+def _bm3d_table(lines: list[dict[str, Any]]) -> list[str]:
+    """BM3D beside the DAE on the same images (BM3D's subset of the test set)."""
+    compared = [line for line in lines if line.get("subset_images")]
+    if not compared:
+        return []
+    counts = sorted({line["subset_images"] for line in compared})
+    out = [
+        "",
+        f"BM3D (tuned per level like the others) against the DAE on the first "
+        f"{', '.join(map(str, counts))} test images, the same noisy images for both:",
+        "",
+        "| model | train = test level | BM3D PSNR | DAE PSNR | DAE - BM3D (dB) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for line in compared:
+        mean, std = line["psnr_subset"]
+        out.append(
+            f"| {line['arm']} | {line['level']:g} | {_number(line['bm3d_psnr'], 2)} | "
+            f"{_number(mean, 2)} ± {std:.2f} | {_number(mean - line['bm3d_psnr'], 2)} |"
+        )
+    return out
 
 
 def render(workdir: str | Path) -> None:
@@ -489,6 +548,8 @@ def _write(
         "metric",
         "value",
         "parameter",
+        "images",
+        "seconds",
     ]
     with (workdir / "results.csv").open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=fields, restval="")

@@ -239,3 +239,33 @@ def test_a_run_saved_before_a_model_key_existed_still_resumes():
     assert checkpointing.science_changes(saved, config) == []
     config.model.kind = "conv"
     assert checkpointing.science_changes(saved, config) == ["model.kind: mlp -> conv"]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("two") / "run"
+    result = run_cli("train", f"--workdir={workdir}", *TINY_FLAGS)
+    assert result.returncode == 0, result.stderr
+    return workdir
+
+
+@pytest.mark.parametrize(
+    "damaged", ["state/_METADATA", "meta/metadata", "state/ocdbt.process_0/d/*"]
+)
+def test_a_damaged_file_of_the_newest_checkpoint_costs_one_warning_line(
+    two_epochs, tmp_path, damaged
+):
+    """Half of one file of the newest checkpoint cut off: the run says so in one line,
+    resumes from the one before and finishes; no traceback (asyncio's included)."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(two_epochs, workdir)
+    for path in sorted((workdir / "checkpoints" / "16").glob(damaged)):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    result = run_cli("train", f"--workdir={workdir}", *TINY_FLAGS)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "Task exception" not in result.stderr + result.stdout
+    assert "warning: skipping damaged checkpoint 16 (" in result.stdout
+    assert f"Resuming from checkpoint {workdir / 'checkpoints' / '8'}" in result.stdout
