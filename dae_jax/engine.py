@@ -287,6 +287,8 @@ class _Loop:
         saved = meta.get("config")
         if saved is None:  # written before checkpoints held their config
             saved = runfiles.read_json(self.workdir / "config.json")
+        if not isinstance(saved, dict) or not saved:  # no trustworthy record: shapes decide
+            saved = None
         changes = checkpointing.science_changes(saved, self.config) if saved else []
         if self.k > 1:  # each member's own seed, level and learning rate, not the base's
             changes = [c for c in changes if not c.startswith(("seed:", "noise.level:"))]
