@@ -1,7 +1,7 @@
 """Times variants of the training loop side by side, for experiments/PERFORMANCE.md.
 
     python experiments/perf_variants.py            # the training loop's variants
-    python experiments/perf_variants.py conv_ops   # the conv DAE's layers, op by op
+    python experiments/perf_variants.py conv_ops [NAME]  # the conv DAE's layers, op by op
 
 Seed model (784-512-256-128 mirrored), batch 128, Adam, Gaussian noise, random uint8
 images resident on the device; median of 5 calls of 100 steps each, after a warm-up.
@@ -127,9 +127,11 @@ def subpixel_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y.reshape(b, 2 * h, 2 * w, c_out)
 
 
-def conv_ops(repeats: int = 7, batch: int = 128) -> None:
+def conv_ops(only: str = "", repeats: int = 7, batch: int = 128) -> None:
     print(f"ms (min / median of {repeats}, interleaved), batch {batch}", flush=True)
     for name, transposed, stride, size, c_in, c_out in CONV_LAYERS:
+        if only not in name:
+            continue
         x = jax.random.normal(jax.random.key(0), (batch, size, size, c_in))
         kernel = 0.1 * jax.random.normal(jax.random.key(1), (3, 3, c_in, c_out))
         if transposed:
@@ -185,7 +187,7 @@ def conv_ops(repeats: int = 7, batch: int = 128) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["conv_ops"]:
-        conv_ops()
+    if sys.argv[1:2] == ["conv_ops"]:
+        conv_ops(" ".join(sys.argv[2:]))
     else:
         main()

@@ -206,3 +206,25 @@ def test_fast_conv_dae_is_the_plain_one_with_the_same_parameters(skip, convs_per
         np.testing.assert_array_equal(a[...], b[...])
     x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
     _same_params_and_grads(lambda m, x: m.logits(x), lambda m, x: m.logits(x), fast, plain, x)
+
+
+def test_fast_conv_dae_gradients_under_vmap_over_models():
+    # The sweeps train several models as one vmapped program (train.fit_many).
+    def split(fast_convs, seed):
+        model = models.ConvDae(
+            (4, 8), skip=True, fast_convs=fast_convs, rngs=nnx.Rngs(params=jax.random.key(seed))
+        )
+        return nnx.split(model, nnx.Param)
+
+    x = jax.random.uniform(jax.random.key(1), (3, 28, 28, 1))
+
+    def grads(fast_convs):
+        graphdef, _ = split(fast_convs, 0)
+        params = jax.tree.map(lambda *p: jnp.stack(p), *(split(fast_convs, s)[1] for s in (0, 1)))
+
+        def loss(params):
+            return jnp.mean((nnx.merge(graphdef, params)(x) - x) ** 2)
+
+        return jax.vmap(jax.grad(loss))(params)
+
+    _assert_close(grads(True), grads(False), "vmapped param grads")
