@@ -1,13 +1,22 @@
 """Times variants of the training loop side by side, for experiments/PERFORMANCE.md.
 
-    python experiments/perf_variants.py
+    python experiments/perf_variants.py            # the training loop's variants
+    python experiments/perf_variants.py conv_ops [NAME]  # the conv DAE's layers, op by op
 
 Seed model (784-512-256-128 mirrored), batch 128, Adam, Gaussian noise, random uint8
 images resident on the device; median of 5 calls of 100 steps each, after a warm-up.
+
+``conv_ops``: each layer of the default conv DAE (channels (32, 64, 64)) at batch 128,
+jitted alone: forward, input gradient and kernel gradient, as ``lax`` computes them
+(what ``nnx.Conv`` / ``nnx.ConvTranspose`` run) and as ``models.conv_general_dilated``
+does (kernel gradient tap by tap), plus the sub-pixel form of the transposed
+convolutions (a stride-1 2x2 convolution to 4x the channels, then depth-to-space).
+The variants run interleaved, ``--repeats`` rounds; min and median ms.
 """
 
 import functools
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -15,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dae_jax import train
+from dae_jax import models, train
 from dae_jax.configs import seed
 
 STEPS = 100
@@ -89,5 +98,96 @@ def main() -> None:
         print(f"{name:40s} {1e3 * statistics.median(seconds) / STEPS:.3f} ms/step", flush=True)
 
 
+NHWC = ("NHWC", "HWIO", "NHWC")
+# The default ConvDae's layers at batch 128: (name, transposed, stride, size, c_in, c_out).
+CONV_LAYERS = (
+    ("conv 28x28 1->32", False, 1, 28, 1, 32),
+    ("conv s2 28->14 32->64", False, 2, 28, 32, 64),
+    ("conv s2 14->7 64->64", False, 2, 14, 64, 64),
+    ("convT s2 7->14 64->64", True, 2, 7, 64, 64),
+    ("convT s2 14->28 64->32", True, 2, 14, 64, 32),
+    ("conv 28x28 32->1", False, 1, 28, 32, 1),
+    ("conv 28x28 32->32 (convs_per_level=2)", False, 1, 28, 32, 32),
+    ("conv 14x14 64->64 (convs_per_level=2)", False, 1, 14, 64, 64),
+)
+# A stride-2 'SAME' 3x3 transposed convolution, one axis: even output 2m sees kernel
+# rows 0 (input m-1) and 2 (input m), odd output 2m+1 row 1 (input m). [window, k, phase]
+SUBPIXEL = np.zeros((2, 3, 2), np.float32)
+SUBPIXEL[0, 0, 0] = SUBPIXEL[1, 2, 0] = SUBPIXEL[1, 1, 1] = 1
+
+
+def subpixel_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    kernel4 = jnp.einsum("akp,blq,klio->abipqo", SUBPIXEL, SUBPIXEL, kernel)
+    c_in, c_out = kernel.shape[2:]
+    y = jax.lax.conv_general_dilated(
+        x, kernel4.reshape(2, 2, c_in, 4 * c_out), (1, 1), ((1, 0), (1, 0)), dimension_numbers=NHWC
+    )
+    b, h, w, _ = y.shape
+    y = y.reshape(b, h, w, 2, 2, c_out).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(b, 2 * h, 2 * w, c_out)
+
+
+def conv_ops(only: str = "", repeats: int = 7, batch: int = 128) -> None:
+    print(f"ms (min / median of {repeats}, interleaved), batch {batch}", flush=True)
+    for name, transposed, stride, size, c_in, c_out in CONV_LAYERS:
+        if only not in name:
+            continue
+        x = jax.random.normal(jax.random.key(0), (batch, size, size, c_in))
+        kernel = 0.1 * jax.random.normal(jax.random.key(1), (3, 3, c_in, c_out))
+        if transposed:
+            forms = {
+                "lax": lambda x, k: jax.lax.conv_transpose(
+                    x, k, (2, 2), "SAME", dimension_numbers=NHWC
+                ),
+                "tapwise": lambda x, k: models.conv_general_dilated(
+                    x, k, (1, 1), ((2, 1), (2, 1)), lhs_dilation=(2, 2), dimension_numbers=NHWC
+                ),
+                "sub-pixel": subpixel_conv_transpose,
+            }
+        else:
+            forms = {
+                "lax": functools.partial(
+                    jax.lax.conv_general_dilated,
+                    window_strides=(stride, stride),
+                    padding="SAME",
+                    dimension_numbers=NHWC,
+                ),
+                "tapwise": functools.partial(
+                    models.conv_general_dilated,
+                    window_strides=(stride, stride),
+                    padding="SAME",
+                    dimension_numbers=NHWC,
+                ),
+            }
+        y = forms["lax"](x, kernel)
+        g = jax.random.normal(jax.random.key(2), y.shape)
+        programs = {}
+        for form, f in forms.items():
+            programs[(form, "forward")] = jax.jit(lambda x, k, g, f=f: f(x, k))
+            programs[(form, "input grad")] = jax.jit(
+                lambda x, k, g, f=f: jax.vjp(lambda x: f(x, k), x)[1](g)[0]
+            )
+            programs[(form, "kernel grad")] = jax.jit(
+                lambda x, k, g, f=f: jax.vjp(lambda k: f(x, k), k)[1](g)[0]
+            )
+        seconds: dict = {key: [] for key in programs}
+        for program in programs.values():
+            jax.block_until_ready(program(x, kernel, g))
+        for _ in range(repeats):
+            for key, program in programs.items():
+                begin = time.perf_counter()
+                jax.block_until_ready(program(x, kernel, g))
+                seconds[key].append(1e3 * (time.perf_counter() - begin))
+        for form in forms:
+            cells = [
+                f"{min(seconds[(form, part)]):.1f} / {statistics.median(seconds[(form, part)]):.1f}"
+                for part in ("forward", "input grad", "kernel grad")
+            ]
+            print(f"| {name} | {form} | " + " | ".join(cells) + " |", flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["conv_ops"]:
+        conv_ops(" ".join(sys.argv[2:]))
+    else:
+        main()

@@ -136,3 +136,95 @@ def test_tied_weights_share_one_kernel_and_it_gets_both_gradients():
 def test_conv_levels_must_divide_the_image():
     with pytest.raises(ValueError, match="give fewer channels"):
         models.ConvDae((8, 8, 8, 8), rngs=nnx.Rngs(0))
+
+
+def _assert_close(fast, plain, what):
+    """Same up to float32 summation order: within 2e-5 of the largest entry."""
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(plain), strict=True):
+        scale = float(jnp.max(jnp.abs(b)))
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * scale + 1e-7, err_msg=what)
+
+
+def _same_params_and_grads(fast_apply, plain_apply, fast_module, plain_module, x):
+    """Forward, and gradients wrt every parameter and the input, of both computations."""
+
+    def loss(module, x, apply):
+        y = apply(module, x)
+        return jnp.sum(jnp.sin(y)), y  # a nonlinear loss: the gradient varies per output
+
+    (_, y_fast), (g_fast, gx_fast) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        fast_module, x, fast_apply
+    )
+    (_, y_plain), (g_plain, gx_plain) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        plain_module, x, plain_apply
+    )
+    _assert_close(y_fast, y_plain, "forward")
+    _assert_close(nnx.state(g_fast, nnx.Param), nnx.state(g_plain, nnx.Param), "param grads")
+    _assert_close(gx_fast, gx_plain, "input grad")
+
+
+@pytest.mark.parametrize(
+    "c_in, c_out, strides, size",
+    [(1, 32, 1, 28), (32, 1, 1, 28), (8, 16, 1, 7), (8, 16, 2, 28), (16, 8, 2, 14), (8, 8, 2, 7)],
+)
+def test_fast_conv_is_nnx_conv(c_in, c_out, strides, size):
+    def conv(fn):
+        return nnx.Conv(
+            c_in, c_out, (3, 3), strides=strides, conv_general_dilated=fn, rngs=nnx.Rngs(0)
+        )
+
+    fast, plain = conv(models.conv_general_dilated), conv(jax.lax.conv_general_dilated)
+    x = jax.random.normal(jax.random.key(1), (3, size, size, c_in))
+    _same_params_and_grads(lambda m, x: m(x), lambda m, x: m(x), fast, plain, x)
+
+
+@pytest.mark.parametrize("c_in, c_out, size", [(64, 64, 7), (64, 32, 14), (8, 4, 5)])
+def test_fast_conv_transpose_is_nnx_conv_transpose(c_in, c_out, size):
+    layer = nnx.ConvTranspose(c_in, c_out, (3, 3), strides=2, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (3, size, size, c_in))
+    assert models.conv_transpose(layer, x).shape == (3, 2 * size, 2 * size, c_out)
+    _same_params_and_grads(models.conv_transpose, lambda m, x: m(x), layer, layer, x)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("convs_per_level", [1, 2])
+def test_fast_conv_dae_is_the_plain_one_with_the_same_parameters(skip, convs_per_level):
+    def model(fast_convs):
+        return models.ConvDae(
+            skip=skip,
+            convs_per_level=convs_per_level,
+            fast_convs=fast_convs,
+            rngs=nnx.Rngs(params=jax.random.key(0)),
+        )
+
+    fast, plain = model(True), model(False)
+    # The same parameters, names and shapes: checkpoints restore into either.
+    fast_params = nnx.to_flat_state(nnx.state(fast, nnx.Param))
+    plain_params = nnx.to_flat_state(nnx.state(plain, nnx.Param))
+    assert [path for path, _ in fast_params] == [path for path, _ in plain_params]
+    for (_, a), (_, b) in zip(fast_params, plain_params, strict=True):
+        np.testing.assert_array_equal(a[...], b[...])
+    x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+    _same_params_and_grads(lambda m, x: m.logits(x), lambda m, x: m.logits(x), fast, plain, x)
+
+
+def test_fast_conv_dae_gradients_under_vmap_over_models():
+    # The sweeps train several models as one vmapped program (train.fit_many).
+    def split(fast_convs, seed):
+        model = models.ConvDae(
+            (4, 8), skip=True, fast_convs=fast_convs, rngs=nnx.Rngs(params=jax.random.key(seed))
+        )
+        return nnx.split(model, nnx.Param)
+
+    x = jax.random.uniform(jax.random.key(1), (3, 28, 28, 1))
+
+    def grads(fast_convs):
+        graphdef, _ = split(fast_convs, 0)
+        params = jax.tree.map(lambda *p: jnp.stack(p), *(split(fast_convs, s)[1] for s in (0, 1)))
+
+        def loss(params):
+            return jnp.mean((nnx.merge(graphdef, params)(x) - x) ** 2)
+
+        return jax.vmap(jax.grad(loss))(params)
+
+    _assert_close(grads(True), grads(False), "vmapped param grads")

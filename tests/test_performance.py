@@ -62,6 +62,7 @@ def test_benchmark_harness_writes_its_table(tmp_path):
         "--repeats=2",
         "--num_images=128",
         "--matmul_size=128",
+        "--conv=",
     )
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "results.json").read_text())
@@ -81,7 +82,33 @@ def test_benchmark_harness_writes_its_table(tmp_path):
     minimum = 16 * 2 * (3 * macs - 784 * 32)
     assert rows[0]["flops_per_step"] >= minimum
     assert rows[2]["flops_per_step"] >= 2 * minimum
-    assert "| batch | models | compile s |" in result.stdout
+    assert "| model | batch | models | compile s |" in result.stdout
+
+
+def test_benchmark_harness_times_the_conv_dae_with_and_without_skips(tmp_path):
+    result = run_python(
+        "experiments/benchmark.py",
+        f"--workdir={tmp_path}",
+        "--models=",
+        "--conv=plain,skip",
+        "--channels=4,8",
+        "--conv_batch_size=8",
+        "--conv_steps=2",
+        "--repeats=2",
+        "--num_images=64",
+        "--matmul_size=128",
+    )
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = results["rows"]
+    assert [r["model"] for r in rows] == ["conv 4-8", "conv 4-8 + skips"]
+    for row in rows:
+        assert row["batch_size"] == 8 and row["models"] == 1 and row["steps_per_call"] == 2
+        assert row["examples_per_second"] > 0 and 0 < row["fraction_of_peak"]
+        # Forward alone: a 3x3 conv per output pixel and layer, 2 FLOPs a multiply-add.
+        macs = 9 * (28 * 28 * 4 + 14 * 14 * 4 * 8 + 28 * 28 * 8 * 4 // 4 + 28 * 28 * 4)
+        assert row["flops_per_step"] >= 8 * 2 * macs
+    assert "| conv 4-8 + skips | 8 | 1 |" in results["table"]
 
 
 def _train_on(devices: int, workdir, *extra: str) -> subprocess.CompletedProcess:
