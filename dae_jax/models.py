@@ -6,12 +6,14 @@ Every model has the same contract: ``encode(x)`` gives flat codes ``[B, Z]``,
 logits in the layout of ``x`` (what the losses take), and calling it the reconstruction.
 ``create(config, key=...)`` picks the model from ``config.model.kind``."""
 
+import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 from jax.typing import ArrayLike
 
@@ -446,7 +448,43 @@ class ConvDae(nnx.Module):
         return jax.nn.sigmoid(self.logits(x))
 
 
-KINDS = ("mlp", "conv")
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """A model kind: how a config's ``model`` block builds it and names it. A new kind is
+    one entry here (plus its config keys and their checks in ``dae_jax.configs``)."""
+
+    build: Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module]
+    describe: Callable[[ml_collections.ConfigDict], str]
+
+
+def _mlp(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MlpDae:
+    return MlpDae(
+        tuple(model.hidden), tied_weights=bool(model.get("tied_weights", False)), rngs=rngs
+    )
+
+
+def _conv(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> ConvDae:
+    return ConvDae(
+        tuple(model.channels),
+        skip=bool(model.skip),
+        convs_per_level=int(model.get("convs_per_level", 1)),
+        rngs=rngs,
+    )
+
+
+KINDS: dict[str, Kind] = {
+    "mlp": Kind(
+        _mlp,
+        lambda m: f"mlp {tuple(m.hidden)}" + (" tied" if m.get("tied_weights") else ""),
+    ),
+    "conv": Kind(
+        _conv,
+        lambda m: (
+            f"conv {tuple(m.channels)} x{m.get('convs_per_level', 1)}"
+            + (" with skips" if m.skip else "")
+        ),
+    ),
+}
 Dae = MlpDae | ConvDae
 
 
@@ -454,18 +492,16 @@ def num_params(model: nnx.Module) -> int:
     return sum(int(jnp.size(p)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def create(config, *, key: jax.Array) -> Dae:
-    """The model a config describes, initialised from ``key``. Configs saved before
-    ``model.kind`` existed describe the MLP."""
-    model = config.model
-    rngs = nnx.Rngs(params=key)
-    if model.get("kind", "mlp") == "conv":
-        return ConvDae(
-            tuple(model.channels),
-            skip=bool(model.skip),
-            convs_per_level=int(model.get("convs_per_level", 1)),
-            rngs=rngs,
-        )
-    return MlpDae(
-        tuple(model.hidden), tied_weights=bool(model.get("tied_weights", False)), rngs=rngs
-    )
+def _kind(config: ml_collections.ConfigDict) -> Kind:
+    """Configs saved before ``model.kind`` existed describe the MLP."""
+    return KINDS[config.model.get("kind", "mlp")]
+
+
+def create(config: ml_collections.ConfigDict, *, key: jax.Array) -> Dae:
+    """The model a config describes, initialised from ``key``."""
+    return _kind(config).build(config.model, nnx.Rngs(params=key))  # type: ignore[return-value]
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+    """A short description of the config's model, for report headers."""
+    return _kind(config).describe(config.model)

@@ -21,23 +21,13 @@ from typing import Any
 
 import ml_collections
 
-from dae_jax import runfiles
+from dae_jax import models, runfiles
 from dae_jax.errors import Interrupted, UserError
 
 
 def where(device: dict[str, Any]) -> str:
     """The CPU's name on CPU, else the accelerator's."""
     return device["cpu"] if device["platform"] == "cpu" else device["device_kind"]
-
-
-def model_name(config: ml_collections.ConfigDict) -> str:
-    """A short description of the config's model, for report headers."""
-    model = config.model
-    if model.get("kind", "mlp") == "conv":
-        return f"conv {tuple(model.channels)} x{model.get('convs_per_level', 1)}" + (
-            " with skips" if model.skip else ""
-        )
-    return f"mlp {tuple(model.hidden)}" + (" tied" if model.get("tied_weights") else "")
 
 
 def numbers(flag: str, values: Sequence[str], kind: type, example: str) -> list:
@@ -126,7 +116,7 @@ def write(
     header = (
         f"# {experiment}\n\n"
         + (f"Command: `{command}`\n\n" if command else "")
-        + f"{config.data.name}, model {model_name(config)}, seeds {list(seeds)}, mean ± std "
+        + f"{config.data.name}, model {models.describe(config)}, seeds {list(seeds)}, mean ± std "
         f"over seeds; {info['date']}, {where(device)} ({device['platform']}), "
         f"jax {info['versions']['jax']}, {info['seconds'] / 60:.1f} min."
     )

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dae_jax import baselines, checkpointing, data, metrics, plots, report, runfiles, train
+from dae_jax import baselines, checkpointing, data, metrics, models, plots, report, runfiles, train
 from dae_jax.configs import validate
 from dae_jax.errors import UserError
 
@@ -570,7 +570,7 @@ def _write(
     header = (
         f"# {experiment}\n\n"
         + (f"Command: `{command}`\n\n" if command else "")
-        + f"{config.data.name}, model {report.model_name(config)}, {config.train.epochs} "
+        + f"{config.data.name}, model {models.describe(config)}, {config.train.epochs} "
         f"epochs, seeds {list(seeds)}, mean ± std over seeds; {info['date']}, "
         f"{report.where(info['device'])} ({info['device']['platform']}), "
         f"jax {info['versions']['jax']}, "

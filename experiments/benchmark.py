@@ -146,14 +146,14 @@ def bench_setting(
         ),
         in_axes=(0, None),
     )(keys, 1)
-    levels = jnp.full((num_models,), config.noise.level, jnp.float32)
-    args: tuple[Any, ...] = (states, images, orders, jnp.int32(0), keys, levels)
-    if num_models == 1:  # exactly what `dae-jax train` runs: no vmap
-        chunk = functools.partial(train.train_chunk, setup)
-        states = jax.tree.map(lambda x: x[0], states)
-        args = (states, images, orders[0], jnp.int32(0), keys[0], levels[0])
-    else:
-        chunk = functools.partial(train.train_chunk_many, setup)
+    hyper = train.Hyper(
+        jnp.full((num_models,), config.noise.level, jnp.float32),
+        jnp.full((num_models,), config.optim.learning_rate, jnp.float32),
+    )
+    alive = jnp.ones((num_models,), bool)
+    # Exactly what `dae-jax train` (K = 1) and a sweep (K > 1) run: one population chunk.
+    chunk = functools.partial(train.population_chunk, setup)
+    args: tuple[Any, ...] = (states, alive, images, orders, jnp.int32(0), keys, hyper)
 
     start = time.perf_counter()
     compiled = jax.jit(functools.partial(chunk, steps), donate_argnums=0).lower(*args).compile()
@@ -165,7 +165,7 @@ def bench_setting(
     holder = {"states": states}
 
     def one_call() -> jax.Array:
-        holder["states"], losses = compiled(holder["states"], *args[1:])
+        holder["states"], _, losses = compiled(holder["states"], *args[1:])
         return losses
 
     per_step = [s / steps for s in _timed(one_call, repeats)]

@@ -7,14 +7,27 @@ from typing import Any
 
 import ml_collections
 
-from dae_jax.corruption import CORRUPTIONS
 from dae_jax.data import NAMES as DATASETS
 from dae_jax.errors import UserError
-from dae_jax.losses import PER_EXAMPLE
-from dae_jax.models import KINDS as MODEL_KINDS
 
-NOISE_KINDS = tuple(CORRUPTIONS)
-LOSSES = tuple(PER_EXAMPLE)
+
+def __getattr__(name: str) -> Any:
+    """The registries' names (``NOISE_KINDS``, ``LOSSES``, ``MODEL_KINDS``), read from
+    their modules on first use: importing the configs (``dae-jax --help``) needs no JAX."""
+    if name == "NOISE_KINDS":
+        from dae_jax.corruption import CORRUPTIONS
+
+        return tuple(CORRUPTIONS)
+    if name == "LOSSES":
+        from dae_jax.losses import PER_EXAMPLE
+
+        return tuple(PER_EXAMPLE)
+    if name == "MODEL_KINDS":
+        from dae_jax.models import KINDS
+
+        return tuple(KINDS)
+    raise AttributeError(f"module 'dae_jax.configs' has no attribute {name!r}")
+
 
 CONFIG_DIR = Path(__file__).resolve().parent
 # Seeds JAX turns into distinct keys: jax.random.key keeps the low 32 bits of an int
@@ -151,8 +164,13 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collec
     check("data.name", get("data.name") in DATASETS, f"must be one of {', '.join(DATASETS)}")
     for key in ("data.train_size", "data.test_size"):
         check(key, _is_int(get(key)) and get(key) >= 0, "must be an integer >= 0 (0 = all)")
+    model_kinds, noise_kinds, loss_names = (
+        __getattr__("MODEL_KINDS"),
+        __getattr__("NOISE_KINDS"),
+        __getattr__("LOSSES"),
+    )
     check(
-        "model.kind", get("model.kind") in MODEL_KINDS, f"must be one of {', '.join(MODEL_KINDS)}"
+        "model.kind", get("model.kind") in model_kinds, f"must be one of {', '.join(model_kinds)}"
     )
     hidden = get("model.hidden")
     check(
@@ -179,7 +197,7 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collec
     for key in ("model.tied_weights", "model.skip"):
         check(key, isinstance(get(key), bool), "must be True or False")
     kind = get("noise.kind")
-    check("noise.kind", kind in NOISE_KINDS, f"must be one of {', '.join(NOISE_KINDS)}")
+    check("noise.kind", kind in noise_kinds, f"must be one of {', '.join(noise_kinds)}")
     level = get("noise.level")
     if kind == "gaussian":
         check(
@@ -193,7 +211,7 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collec
             _is_number(level) and 0 <= level <= 1,
             f"{kind} corrupts a fraction of the pixels: it must be in [0, 1]",
         )
-    check("loss", get("loss") in LOSSES, f"must be one of {', '.join(LOSSES)}")
+    check("loss", get("loss") in loss_names, f"must be one of {', '.join(loss_names)}")
     lr = get("optim.learning_rate")
     check(
         "optim.learning_rate",

@@ -51,10 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.epochs = 10
     config.train.batch_size = 128
     config.train.log_every = 100  # steps per compiled chunk and per log line
-    # Steps per iteration of the compiled loop (lax.scan's unroll); speed only.
-    # 0 = auto: 1, except a conv model on CPU, whose chunks are unrolled whole
-    # (XLA:CPU runs convolutions inside a loop ~6.5x slower; unrolled chunks compile
-    # ~1 s per step, so keep log_every small there, e.g. 10).
+    # Steps per iteration of the compiled loop (lax.scan's unroll); speed only; 0 = auto (1).
     config.train.scan_unroll = 0
     # Split each batch over a mesh of all devices; on whenever several are visible.
     config.train.data_parallel = False
