@@ -1,10 +1,14 @@
 """Ablation sweeps: many models trained at once, evaluated the way the literature does.
 
-An experiment is a list of arms (noise kind, loss) each swept over levels and seeds.
-Every (kind, loss) arm trains all its levels x seeds in one vmapped program
-(``train.fit_many``); every model is then scored at every test level of its noise
-kind (PSNR, SSIM, MSE of the reconstruction), next to classical denoisers tuned per
-level on the same noisy images, and its encoder's codes get a linear probe.
+An experiment is a list of arms (noise kind, loss[, learning rate]) each swept over
+levels and seeds. Every (kind, loss) family trains all its levels x seeds (x rates) as
+one population of the training engine (``train.fit_many`` in ``W/models/<kind>-<loss>``:
+resumable, every model kept); every model is then scored at every test level of its
+noise kind (PSNR, SSIM, MSE of the reconstruction), next to classical denoisers tuned
+per level on the same noisy images (BM3D for Gaussian noise, on the first test images:
+the models are scored on those too), and its encoder's codes get a linear probe
+(L-BFGS logistic regression, L2 chosen on held-out training images). Finished stages
+are kept in ``W/stages/``, so a killed sweep resumes to the same ``results.csv``.
 Outputs: ``results.csv`` (one row per model x test level x metric), ``results.json``,
 ``results.md`` (mean +- std over seeds, best per column in bold) and figures.
 """

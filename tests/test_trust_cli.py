@@ -111,15 +111,18 @@ def test_a_flag_that_does_not_apply_is_refused(tmp_path, monkeypatch, capsys, ca
 
 def test_the_flags_a_command_accepts_reach_what_it_runs(tmp_path, capsys, calls):
     code, _, _ = run_main(
-        capsys, "evaluate", f"--workdir={tmp_path}", "--noise.kind=masking", "--noise.level=0.3"
-    )
+        capsys, "evaluate", f"--workdir={tmp_path}", "--noise.kind=masking", "--noise.level=0.3",
+        "--model=2",
+    )  # fmt: skip
     assert code == 0
-    assert calls["evaluate"] == (str(tmp_path), {"noise_kind": "masking", "noise_level": 0.3})
+    assert calls["evaluate"] == (
+        str(tmp_path), {"noise_kind": "masking", "noise_level": 0.3, "model": 2}
+    )  # fmt: skip
     code, _, _ = run_main(
         capsys, "denoise", f"--workdir={tmp_path}", "--output=o", "--invert", "a.png", "b.png"
     )
     assert code == 0
-    assert calls["denoise"] == ("o", ["a.png", "b.png"], {"invert": True})
+    assert calls["denoise"] == ("o", ["a.png", "b.png"], {"invert": True, "model": 0})
     code, _, _ = run_main(capsys, "train", f"--workdir={tmp_path}", "--config.noise.level=0.1")
     assert code == 0
     assert calls["fit"][0].noise.level == 0.1
@@ -180,7 +183,7 @@ def test_help_on_every_subcommand(capsys, calls, command, flag):
             assert f"  --config.{key}={value}\n" in out
         keys = [line.split("=")[0] for line in out.splitlines() if line.startswith("  --config.")]
         assert keys[1:] == [f"  --config.{key}" for key, _ in cli._config_keys()]
-        assert len(keys) == 1 + 27  # the override flag, then every key
+        assert len(keys) == 1 + 29  # the override flag, then every key
     if command == "evaluate":
         assert "--noise.kind=KIND    gaussian, masking, salt_and_pepper" in out
     if command == "denoise":

@@ -5,8 +5,8 @@
 
 Trains the default config at sigma in {0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0} x 3 seeds
 (sigma 0 is a plain autoencoder), every model in one vmapped program; scores every
-model at every test sigma against clip / Gaussian blur / median filter tuned per
-level, and probes each encoder's codes with logistic regression. The noise kind is
+model at every test sigma against clip / Gaussian blur / median filter / BM3D tuned
+per level, and probes each encoder's codes with logistic regression (L-BFGS). The noise kind is
 the config's (``--config.noise.kind``; Gaussian by default). Killed, the same
 command resumes it.
 """
