@@ -288,8 +288,8 @@ class TensorBoard:
 
     def epoch(self, k: int, record: dict[str, Any]) -> None:
         if self.writers:
-            for key in TENSORBOARD_SCALARS:
-                if key in record:
+            for key in TENSORBOARD_SCALARS:  # not inf (PSNR of a clean input) or NaN
+                if isinstance(record.get(key), float | int) and math.isfinite(record[key]):
                     self.writers[k].add_scalar(key, record[key], record["epoch"])
 
     def image(self, k: int, tag: str, path: Path, step: int) -> None:
