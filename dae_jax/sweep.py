@@ -266,11 +266,15 @@ def _reference_rows(
             rows.append(_row(experiment, "noisy input", None, None, None, metric, value, **at))
         for name, best in _references(noisy, clean_test, kind, level, clipped, log).items():
             extra = {"images": best["images"]} if name == "bm3d" else {}
+            log(
+                f"  {name} at {kind} {level:g}: {best['psnr']:.2f} dB on {best['images']} "
+                f"images (parameter {best['parameter']:g}), {best['seconds']:.1f} s"
+            )
             for metric in METRICS:
                 rows.append(
                     _row(
                         experiment, name, None, None, None, metric, best[metric],
-                        parameter=best["parameter"], seconds=best["seconds"], **extra, **at,
+                        parameter=best["parameter"], **extra, **at,
                     )
                 )  # fmt: skip
     return rows
@@ -553,10 +557,9 @@ def _write(
         "value",
         "parameter",
         "images",
-        "seconds",
     ]
     with (workdir / "results.csv").open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields, restval="")
+        writer = csv.DictWriter(file, fieldnames=fields, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     lines = summary_table(rows, arms)

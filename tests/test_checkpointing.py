@@ -103,21 +103,26 @@ def test_stopped_run_resumes_bit_identical(reference, tmp_path, signum):
 
 
 def test_resume_trains_longer_and_refuses_science_changes(tmp_path):
+    run = tmp_path / "run"
     config = tiny_config(**{"train.epochs": 1})
-    train.fit(config, tmp_path, log=lambda line: None)
-    longer = train.fit(tiny_config(**{"train.epochs": 3}), tmp_path, log=lambda line: None)
+    train.fit(config, run, log=lambda line: None)
+    longer = train.fit(tiny_config(**{"train.epochs": 3}), run, log=lambda line: None)
     straight = train.fit(tiny_config(**{"train.epochs": 3}), tmp_path / "x", log=print)
     assert_bit_identical(jax.tree.leaves(longer.state), jax.tree.leaves(straight.state))
     assert longer.summary["resumed_from_step"] == 8
 
-    result = run_cli("train", f"--workdir={tmp_path}", *TINY_FLAGS, "--config.noise.level=0.3")
+    result = run_cli("train", f"--workdir={run}", *TINY_FLAGS, "--config.noise.level=0.3")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: --workdir={tmp_path} holds a run trained with other settings "
+        f"error: --workdir={run} holds a run trained with other settings "
         "(noise.level: 0.5 -> 0.3); resuming would mix two experiments: use a new --workdir, "
-        "or the run's own values (only train.epochs and logging, evaluation and checkpoint "
-        "settings may change)"
+        "or the run's own values (only train.epochs, the learning rate and logging, "
+        "evaluation and checkpoint settings may change)"
     ]
+    # The settings live in the checkpoints: without config.json the change is refused too.
+    (run / "config.json").unlink()
+    result = run_cli("train", f"--workdir={run}", *TINY_FLAGS, "--config.noise.level=0.3")
+    assert result.returncode == 2 and "(noise.level: 0.5 -> 0.3)" in result.stderr
 
 
 def test_completed_run_is_not_retrained(tmp_path):
