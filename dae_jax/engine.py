@@ -486,7 +486,8 @@ class _Loop:
         on_epoch: EpochCallback | None,
     ) -> tuple[TrainState, float | None, float, float]:
         config, p, epochs = self.config, self.placement, self.config.train.epochs
-        self.say(f"Training {self._what()} on {p.describe()}")
+        models = f": {self.k} models at once" if self.k > 1 else ""
+        self.say(f"Training on {p.describe()}{models}")
         inputs = self._inputs(position)
         state = p.per_model(state)
         alive = p.per_model(jnp.asarray([k not in position.diverged for k in range(self.k)]))
@@ -565,9 +566,6 @@ class _Loop:
         while pending:
             self._report(epoch, position, *pending.pop())
         return state, alive
-
-    def _what(self) -> str:
-        return "1 model" if self.k == 1 else f"{self.k} models at once"
 
     def _report(
         self,
