@@ -29,6 +29,7 @@ RUN_FILES = {
     "metrics.jsonl",
     "summary.json",
     "population.json",
+    "sweep.json",
     "checkpoints",
     "damaged_checkpoints",
     "figures",
