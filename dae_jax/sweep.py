@@ -80,6 +80,14 @@ def _scores(images: jax.Array, clean: jax.Array) -> dict[str, float]:
     return {name: float(value) for name, value in _mean_scores(images, clean).items()}
 
 
+def _numbers_back(row: dict[str, Any]) -> dict[str, Any]:
+    """A row read back from strict JSON: "NaN"/"Infinity" strings are floats again."""
+    out = {**row, "value": float(row["value"])}
+    if isinstance(row.get("parameter"), str):
+        out["parameter"] = float(row["parameter"])
+    return out
+
+
 class _Stages:
     """A sweep's finished stages (references, each population's scores) as JSON rows
     under ``W/stages/``, written atomically: a resumed sweep skips what is done and
@@ -93,7 +101,7 @@ class _Stages:
         path = self.directory / f"{name}.json"
         done = runfiles.read_json(path)
         if isinstance(done, list):
-            return [{**r, "value": float(r["value"])} for r in done]
+            return [_numbers_back(r) for r in done]
         rows = compute()
         runfiles.write_json(path, rows)
         return rows
@@ -525,7 +533,7 @@ def render(workdir: str | Path) -> None:
         Arm(a["kind"], a["loss"], tuple(a["levels"]), a.get("learning_rate"))
         for a in results["arms"]
     ]
-    rows = [{**r, "value": float(r["value"])} for r in results["rows"]]  # "Infinity" too
+    rows = [_numbers_back(r) for r in results["rows"]]  # "Infinity" too
     header = (workdir / "results.md").read_text().split("\n\n| model |")[0]
     lines = summary_table(rows, arms)
     pixel_probe = next(r["value"] for r in rows if r["model"] == "raw pixels")
