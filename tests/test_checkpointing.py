@@ -33,13 +33,18 @@ def events(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _trained(tmp_path_factory, name: str, flags: list[str]) -> Path:
+    """A workdir trained through the CLI with ``flags``."""
+    workdir = tmp_path_factory.mktemp(name) / "run"
+    result = run_cli("train", f"--workdir={workdir}", *flags)
+    assert result.returncode == 0, result.stderr
+    return workdir
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """An uninterrupted run of the config the resume tests interrupt."""
-    workdir = tmp_path_factory.mktemp("reference") / "run"
-    result = run_cli("train", f"--workdir={workdir}", *RESUME_FLAGS)
-    assert result.returncode == 0, result.stderr
-    return workdir
+    return _trained(tmp_path_factory, "reference", RESUME_FLAGS)
 
 
 def test_two_processes_same_seed_bit_identical(reference, tmp_path):
@@ -248,10 +253,7 @@ def test_a_run_saved_before_a_model_key_existed_still_resumes():
 
 @pytest.fixture(scope="module")
 def two_epochs(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("two") / "run"
-    result = run_cli("train", f"--workdir={workdir}", *TINY_FLAGS)
-    assert result.returncode == 0, result.stderr
-    return workdir
+    return _trained(tmp_path_factory, "two", TINY_FLAGS)
 
 
 @pytest.mark.parametrize(
