@@ -88,6 +88,19 @@ def test_bm3d_is_deterministic_keeps_shapes_and_undoes_the_clipping_bias():
     assert psnr["first"] > psnr["biased"]
 
 
+def test_bm3d_worker_processes_give_the_serial_result():
+    pytest.importorskip("bm3d")
+    clean = jnp.tile(_shapes(), (3, 1, 1, 1))  # 12 images: 2 tasks of 6 on 2 workers
+    noisy = jnp.clip(clean + 0.2 * jax.random.normal(jax.random.key(3), clean.shape), 0, 1)
+    serial = baselines.bm3d_denoise(noisy, 0.2, clipped_sigma=0.2)
+    with baselines.bm3d_pool(len(noisy), workers=2) as pool:
+        assert pool is not None
+        parallel = baselines.bm3d_denoise(noisy, 0.2, clipped_sigma=0.2, pool=pool)
+    np.testing.assert_array_equal(parallel, serial)
+    with baselines.bm3d_pool(baselines.BM3D_IMAGES_PER_WORKER) as pool:  # one worker's worth
+        assert pool is None
+
+
 def test_undo_clipping_bias_inverts_the_clipped_mean():
     values = np.linspace(0.0, 1.0, 11)
     lifted = baselines._clipped_mean(values, 0.3)
