@@ -2,14 +2,16 @@
 
 ``dae-jax train`` is a population of one; a sweep is a population of many (one member
 per seed x noise level x learning rate). Either way the loop is the same: chunks of
-``train.log_every`` steps run as one jitted ``vmap(scan(train_step))``, the chunk's
+``train.log_every`` steps run as one jitted ``vmap(scan(train_step))`` (a population
+of one without the vmap), the chunk's
 losses come back once, and per epoch the population is evaluated, logged and
 checkpointed. Everything a run needs to resume exactly (the stacked states, each
 member's root key and settings, the position in training, which members diverged,
 the config) lives in its checkpoint.
 
-A member whose loss turns non-finite is frozen at its last finite state and recorded
-as diverged; the others train on. A population of one stops instead (exit 1), keeping
+A member whose loss or parameters turn non-finite in a chunk goes back to its state at
+that chunk's start (its last state known finite), stays there, and is recorded as
+diverged; the others train on. A population of one stops instead (exit 1), keeping
 nothing after its last good checkpoint.
 """
 
@@ -595,7 +597,7 @@ class _Loop:
                 )
             self.say(
                 f"warning: model {k} ({self.members[k].describe()}) diverged in epoch {epoch} "
-                f"at step {at}: frozen at its last finite state, the others train on"
+                f"at step {at}: frozen where the chunk began, the others train on"
             )
         live = [k for k in range(self.k) if k not in position.diverged]
         position.loss_sums = [s + float(values[k].sum()) for k, s in enumerate(position.loss_sums)]
@@ -701,7 +703,7 @@ class _Loop:
             eval_key = key_streams(position.root_keys[0]).eval
             _write_figures(workdir, config, self.setup, params, self.dataset, eval_key, history)
             figure = workdir / "figures" / "denoising.png"
-            self.tensorboard.image(0, "denoising", figure, self._global_step(position))
+            self.tensorboard.image(0, "denoising", figure, position.epochs_done)  # as the scalars
         finals = [[r for r in history if r.get("model", 0) == k][-1:] for k in range(self.k)]
         last_steps = self.checkpoints.steps()
         summary = {

@@ -230,35 +230,31 @@ def train_chunk(
     """``length`` steps from row ``start`` of the epoch's order, as one ``lax.scan``.
 
     Batches are gathered by index on the device; nothing returns to the host until the
-    chunk's ``length`` losses. A model whose loss or parameters turn non-finite keeps
-    its last finite parameters and optimizer state from then on (``alive`` becomes
-    False); its step counter runs on, so its neighbours' noise is unaffected.
+    chunk's ``length`` losses. A model whose losses or parameters turn non-finite during
+    the chunk goes back to its state at the chunk's start, its last finite one, and stays
+    there (``alive`` becomes False; its later chunks' losses are NaN); its step counter
+    runs on, so its neighbours' noise is unaffected. The check is made once a chunk, not
+    once a step: a per-step check and select over the whole state cost 30-50% of a step
+    on a GPU.
     """
     indices_LxB = jax.lax.dynamic_slice_in_dim(order_SxB, start, length)
 
-    def body(
-        carry: tuple[TrainState, jax.Array], indices_B: jax.Array
-    ) -> tuple[tuple[TrainState, jax.Array], jax.Array]:
-        state, alive = carry
+    def body(state: TrainState, indices_B: jax.Array) -> tuple[TrainState, jax.Array]:
         clean = to_float(images_u8[indices_B])
         key = jax.random.fold_in(noise_key, state.step)
-        new, loss = train_step(setup, state, clean, key, hyper)
-        alive = alive & jnp.isfinite(loss) & _all_finite(new.params)
-        keep = functools.partial(jnp.where, alive)
-        loss = jnp.where(alive, loss, jnp.nan)  # from its divergence on, a model has no loss
-        return (
-            TrainState(
-                new.step,
-                jax.tree.map(keep, new.params, state.params),
-                jax.tree.map(keep, new.opt_state, state.opt_state),
-            ),
-            alive,
-        ), loss
+        return train_step(setup, state, clean, key, hyper)
 
-    (state, alive), losses_L = jax.lax.scan(
-        body, (state, alive), indices_LxB, unroll=min(setup.unroll, length)
+    new, losses_L = jax.lax.scan(body, state, indices_LxB, unroll=min(setup.unroll, length))
+    still = alive & jnp.all(jnp.isfinite(losses_L)) & _all_finite(new.params)
+    keep = functools.partial(jnp.where, still)
+    state = TrainState(
+        new.step,
+        jax.tree.map(keep, new.params, state.params),
+        jax.tree.map(keep, new.opt_state, state.opt_state),
     )
-    return state, alive, losses_L
+    # A model that diverges in this chunk keeps its losses (the first non-finite one says
+    # where); one that diverged before has none.
+    return state, still, jnp.where(alive, losses_L, jnp.nan)
 
 
 def population_chunk(
@@ -273,8 +269,14 @@ def population_chunk(
     hypers_K: Hyper,
 ) -> tuple[TrainState, jax.Array, jax.Array]:
     """``train_chunk`` for K models at once (``jax.vmap`` over everything but the shared
-    images and start); losses come back ``[K, length]``."""
+    images and start); losses come back ``[K, length]``. A population of one runs
+    ``train_chunk`` itself, without the vmap (``dae-jax train``'s program as before)."""
     chunk = functools.partial(train_chunk, setup, length)
+    per_model = (states, alive_K, orders_KxSxB, noise_keys_K, hypers_K)
+    if alive_K.shape[0] == 1:
+        state, alive, order, key, hyper = jax.tree.map(lambda x: x[0], per_model)
+        out = chunk(state, alive, images_u8, order, start, key, hyper)
+        return jax.tree.map(lambda x: x[None], out)
     return jax.vmap(chunk, in_axes=(0, 0, None, 0, None, 0, 0))(
         states, alive_K, images_u8, orders_KxSxB, start, noise_keys_K, hypers_K
     )

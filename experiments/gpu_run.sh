@@ -13,6 +13,12 @@
 # the default config; the conv DAE noise sweep; conv pre-training + fine-tuning.
 # PART=2 (after the first run's results): a wider, deeper conv DAE at sigma 0.5 and 0.1,
 # then conv pre-training + fine-tuning again (the first run stopped at a bug).
+# PART=3 (the one-engine change): `benchmark.py --batch_sizes=128 --models=1,8` of the
+# tree before that change (a copy of commit 433287e's dae_jax/ and benchmark.py in
+# .oldtree/, when present) and of this tree, twice each, interleaved; then the 21-model
+# noise sweep (7 sigma x 3 seeds, 10 epochs, BM3D and the probe included) end to end; the
+# conv DAE's sweep at sigma 0.1 and 0.5 (BM3D on the same images); a default
+# `dae-jax train` with TensorBoard on and 20 steps profiled.
 # Everything lands in $OUT/gpu_results.tgz (re-packed after each step) and $OUT/log.txt.
 set -u
 OUT=${OUT:-runs/gpu_out}
@@ -35,7 +41,8 @@ nvidia-smi -L
 $PY - <<'EOF'
 import importlib.metadata as md
 import jax
-names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml_collections", "dm_pix", "numpy")
+names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml_collections", "dm_pix",
+         "numpy", "tensorboardX", "bm3d")
 print({n: md.version(n) for n in names}, jax.devices())
 EOF
 
@@ -52,10 +59,28 @@ step() {  # name, most seconds, command...
   local start=$SECONDS
   timeout "$limit" "$@" || echo "=== $name FAILED (exit $?)"
   echo "=== $name took $((SECONDS - start)) s"
-  tar czf "$OUT/gpu_results.tgz" -C "$RESULTS" . 2>/dev/null
+  tar czf "$OUT/gpu_results.tgz" --exclude=checkpoints -C "$RESULTS" . 2>/dev/null
 }
 
-if [ "${PART:-1}" = 1 ]; then
+if [ "${PART:-1}" = 3 ]; then
+  for round in 1 2; do
+    if [ -d .oldtree ]; then
+      step "benchmark before the engine, round $round" 60 env PYTHONPATH=$PWD/.oldtree:$PYTHONPATH \
+        $PY .oldtree/experiments/benchmark.py --steps=400 --repeats=5 --batch_sizes=128 \
+        --models=1,8 --workdir="$RESULTS/bench_before_$round"
+    fi
+    step "benchmark after the engine, round $round" 60 $PY experiments/benchmark.py --steps=400 \
+      --repeats=5 --batch_sizes=128 --models=1,8 --conv= --workdir="$RESULTS/bench_after_$round"
+  done
+  step "noise sweep, 21 models" 360 $PY experiments/noise_sweep.py \
+    --workdir="$RESULTS/noise_sweep" --config.data.local_dir=.gpudata
+  step "conv noise sweep at sigma 0.1 and 0.5 (BM3D beside it)" 150 $PY experiments/noise_sweep.py \
+    --workdir="$RESULTS/conv_noise_sweep" --config.data.local_dir=.gpudata \
+    --config.model.kind=conv --config.model.skip=True --levels=0.1,0.5
+  step "dae-jax train, TensorBoard on, 20 steps profiled" 60 $PY -m dae_jax train \
+    --workdir="$RESULTS/train_profile" --config.data.local_dir=.gpudata --config.profile_steps=20
+  tar czf "$OUT/gpu_results.tgz" --exclude=checkpoints -C "$RESULTS" . 2>/dev/null
+elif [ "${PART:-1}" = 1 ]; then
   step "benchmark" 150 $PY experiments/benchmark.py --steps=400 --repeats=5 \
     --workdir="$RESULTS/bench"
   step "benchmark, scan unroll 8" 50 $PY experiments/benchmark.py --steps=400 --repeats=5 \

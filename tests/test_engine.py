@@ -47,7 +47,7 @@ def test_a_diverging_model_is_frozen_and_the_others_train_as_without_it(populati
     for k in (0, 1):  # bit-identical to the population without the diverging rate
         jax.tree.map(np.testing.assert_array_equal, diverging.model(k), sane.model(k))
     frozen = jax.tree.leaves(diverging.model(2))
-    assert all(np.isfinite(leaf).all() for leaf in frozen)  # its last finite state
+    assert all(np.isfinite(leaf).all() for leaf in frozen)  # where its diverging chunk began
     assert np.isnan(diverging.final(2)["train_loss"]) and diverging.final(2)["diverged"]
     events = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     epochs = [e for e in events if e["event"] == "epoch"]
@@ -167,7 +167,7 @@ def test_a_sweep_of_8_models_over_8_devices_matches_one_device(tmp_path):
 
 
 def _events(directory):
-    """(tag, step, value) of every scalar and the tags of images in the event files,
+    """(tag, step, value) of every scalar and (tag, step) of images in the event files,
     read with tensorboardX's own protobuf (TFRecord framing: length, crc, data, crc)."""
     import struct
 
@@ -183,7 +183,7 @@ def _events(directory):
             offset += 12 + length + 4
             for value in event.summary.value:
                 if value.HasField("image"):
-                    images.append(value.tag)
+                    images.append((value.tag, event.step))
                 else:
                     scalars.append((value.tag, event.step, value.simple_value))
     return scalars, images
@@ -205,7 +205,7 @@ def test_tensorboard_profile_and_epoch_callback(tmp_path):
     assert [s for s, _ in psnr] == [1, 2]
     np.testing.assert_allclose([v for _, v in psnr], [v for _, v in expected], rtol=1e-6)
     assert {"train_loss", "test_ssim_denoised", "examples_per_second"} <= {t for t, _, _ in scalars}
-    assert images == ["denoising"]
+    assert images == [("denoising", 2)]  # at the epoch, as the scalars
     traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
     assert traces and traces[0].stat().st_size > 0
 
