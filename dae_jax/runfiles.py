@@ -309,9 +309,9 @@ class TensorBoard:
 
 
 class Profiler:
-    """Traces ``steps`` training steps with ``jax.profiler`` into ``directory``, starting
-    after the first chunk (compiling and warm-up are not in it). View the trace in
-    TensorBoard's profile plugin or at ui.perfetto.dev."""
+    """Traces at least ``steps`` training steps (whole chunks) with ``jax.profiler`` into
+    ``directory``, starting after the first chunk (compiling and warm-up are not in it).
+    View the trace in TensorBoard's profile plugin or at ui.perfetto.dev."""
 
     def __init__(self, steps: int, directory: Path, say: Any):
         self.steps, self.directory, self.say = steps, directory, say
@@ -339,4 +339,7 @@ class Profiler:
             jax.block_until_ready(outputs)
             jax.profiler.stop_trace()
             self.active = False
-            self.say(f"Profiled {self.traced} training steps into {self.directory}")
+            self.say(
+                f"Profiled {self.traced} training steps (whole chunks; profile_steps={self.steps}) "
+                f"into {self.directory}"
+            )

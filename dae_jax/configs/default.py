@@ -66,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # W/tensorboard/ event files: per-epoch losses, PSNR, SSIM, speed, the figure.
     config.tensorboard = True
-    # Trace this many training steps (after the first chunk) into W/profile/; 0 = off.
+    # Trace at least this many training steps (whole chunks of train.log_every, after the
+    # first chunk) into W/profile/; 0 = off.
     config.profile_steps = 0
     return config
