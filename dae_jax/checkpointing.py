@@ -166,7 +166,12 @@ class Checkpoints:
 
     def _check_space(self, state: Any, step: int) -> None:
         """Stops before a save that cannot fit, keeping every checkpoint already written."""
-        needed = sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(state)) + 2**20
+        # .nbytes, not a host copy: a global array of several processes cannot be fetched.
+        sizes = [
+            x.nbytes if hasattr(x, "nbytes") else np.asarray(x).nbytes
+            for x in jax.tree.leaves(state)
+        ]
+        needed = sum(int(size) for size in sizes) + 2**20
         free = shutil.disk_usage(
             self.directory if self.directory.exists() else self.directory.parent
         ).free
