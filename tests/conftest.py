@@ -1,8 +1,11 @@
 """Shared fixtures: tiny configs derived from the real default."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import ml_collections
@@ -13,11 +16,20 @@ from dae_jax.configs import default
 REPO = Path(__file__).resolve().parents[1]
 DAE_JAX = [sys.executable, "-m", "dae_jax"]
 
+# One persistent compilation cache for the whole test session, subprocesses included
+# (never the user's): the tests compile the same small programs again and again, and a
+# warm cache halves a subprocess's run (a quick sweep: 61 s cold, 35 s warm).
+# Subprocesses that import this module (tests.multihost_worker) find it in the environment.
+if "DAE_JAX_TESTS_COMPILE_CACHE" not in os.environ:
+    os.environ["DAE_JAX_TESTS_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="dae_jax_tests_cache_")
+    atexit.register(shutil.rmtree, os.environ["DAE_JAX_TESTS_COMPILE_CACHE"], True)
+COMPILE_CACHE = os.environ["DAE_JAX_TESTS_COMPILE_CACHE"]
+
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
     """A config that trains in about a second: synthetic data, a small MLP."""
     config = default.get_config()
-    config.compile_cache = ""  # tests never write to the user's cache
+    config.compile_cache = COMPILE_CACHE  # the session's, never the user's
     config.data.name = "synthetic"
     config.data.train_size = 512
     config.data.test_size = 96
@@ -37,7 +49,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 
 
 TINY_FLAGS = [
-    "--config.compile_cache=",
+    f"--config.compile_cache={COMPILE_CACHE}",
     "--config.data.name=synthetic",
     "--config.data.train_size=512",
     "--config.data.test_size=96",

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from PIL import Image
 
-from tests.conftest import run_python
+from tests.conftest import COMPILE_CACHE, run_python
 
 FIGURES = ("quality_vs_level", "train_vs_test_level", "reconstructions", "probe_vs_level")
 ARMS = {
@@ -26,7 +26,7 @@ def _quick(script: str, workdir, *flags: str, timeout: float = 600) -> subproces
         f"--workdir={workdir}",
         "--quick",
         "--config.data.name=synthetic",
-        "--config.compile_cache=",
+        f"--config.compile_cache={COMPILE_CACHE}",
         *flags,
         timeout=timeout,
     )
@@ -59,7 +59,7 @@ def test_a_killed_sweep_resumes_to_the_same_results(noise_sweep_run, tmp_path):
 
     command = [
         sys.executable, "experiments/noise_sweep.py", f"--workdir={tmp_path}", "--quick",
-        "--config.data.name=synthetic", "--config.compile_cache=",
+        "--config.data.name=synthetic", f"--config.compile_cache={COMPILE_CACHE}",
     ]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     population = tmp_path / "models" / "gaussian-mse"
@@ -261,7 +261,7 @@ def test_bad_script_flags_end_in_one_line(tmp_path, script, flag, line):
         f"experiments/{script}.py",
         f"--workdir={tmp_path}",
         "--config.data.name=synthetic",
-        "--config.compile_cache=",
+        f"--config.compile_cache={COMPILE_CACHE}",
         flag,
         timeout=300,
     )
