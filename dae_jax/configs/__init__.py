@@ -1,7 +1,7 @@
 """Config files (``get_config()``) and the checks every config passes before anything compiles."""
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,27 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collec
     Returns the config as a ``ConfigDict`` (a plain dict, e.g. ``config.to_dict()``,
     is converted): use the returned value.
     """
+    config = _as_config(config)
+
+    def get(key: str) -> Any:
+        node: Any = config
+        try:
+            for part in key.split("."):
+                node = node[part]
+        except (KeyError, AttributeError, TypeError):
+            raise UserError(
+                f"config has no key {key}; start your config file from dae_jax/configs/default.py"
+            ) from None
+        return node
+
+    for key, ok, allowed in [*_data_and_model_checks(get), *_training_checks(get)]:
+        if not ok:
+            raise _fail(key, get(key), allowed)
+    return config
+
+
+def _as_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """``config`` as a ``ConfigDict`` with no key the default config lacks."""
     from dae_jax.configs import default
 
     if not isinstance(config, ml_collections.ConfigDict):
@@ -137,87 +158,90 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collec
         raise UserError(
             f"unknown config key {unknown[0]!r}; the keys are listed in dae_jax/configs/default.py"
         )
-    checks: list[tuple[str, bool, str]] = []
+    return config
 
-    def check(key: str, ok: bool, allowed: str) -> None:
-        checks.append((key, ok, allowed))
 
-    def get(key: str) -> Any:
-        node: Any = config
-        try:
-            for part in key.split("."):
-                node = node[part]
-        except (KeyError, AttributeError, TypeError):
-            raise UserError(
-                f"config has no key {key}; start your config file from dae_jax/configs/default.py"
-            ) from None
-        return node
+_Check = tuple[str, bool, str]  # key, whether its value is allowed, what is allowed
 
+
+def _data_and_model_checks(get: Callable[[str], Any]) -> list[_Check]:
     seed = get("seed")
-    check(
-        "seed",
-        _is_int(seed) and 0 <= seed < SEED_LIMIT,
-        f"must be an integer from 0 to {SEED_LIMIT - 1} (JAX keys hold 32 bits: any other "
-        "seed repeats the run of one of these, or overflows)",
-    )
-    check("compile_cache", isinstance(get("compile_cache"), str), 'must be a directory or ""')
-    check("data.name", get("data.name") in DATASETS, f"must be one of {', '.join(DATASETS)}")
+    checks = [
+        (
+            "seed",
+            _is_int(seed) and 0 <= seed < SEED_LIMIT,
+            f"must be an integer from 0 to {SEED_LIMIT - 1} (JAX keys hold 32 bits: any other "
+            "seed repeats the run of one of these, or overflows)",
+        ),
+        ("compile_cache", isinstance(get("compile_cache"), str), 'must be a directory or ""'),
+        ("data.name", get("data.name") in DATASETS, f"must be one of {', '.join(DATASETS)}"),
+    ]
     for key in ("data.train_size", "data.test_size"):
-        check(key, _is_int(get(key)) and get(key) >= 0, "must be an integer >= 0 (0 = all)")
-    model_kinds, noise_kinds, loss_names = (
-        __getattr__("MODEL_KINDS"),
-        __getattr__("NOISE_KINDS"),
-        __getattr__("LOSSES"),
-    )
-    check(
-        "model.kind", get("model.kind") in model_kinds, f"must be one of {', '.join(model_kinds)}"
-    )
-    hidden = get("model.hidden")
-    check(
-        "model.hidden",
-        isinstance(hidden, tuple | list)
-        and len(hidden) > 0
-        and all(_is_int(w) and w > 0 for w in hidden),
-        "must be a non-empty list of positive integers, e.g. (512, 256, 128)",
-    )
-    channels = get("model.channels")
-    check(
-        "model.channels",
-        isinstance(channels, tuple | list)
-        and 1 <= len(channels) <= 3
-        and all(_is_int(c) and c > 0 for c in channels),
-        "must be 1 to 3 positive integers (each level after the first halves the 28x28 "
-        "image), e.g. (32, 64, 64)",
-    )
-    check(
-        "model.convs_per_level",
-        _is_int(get("model.convs_per_level")) and get("model.convs_per_level") >= 1,
-        "must be an integer >= 1",
-    )
+        checks.append(
+            (key, _is_int(get(key)) and get(key) >= 0, "must be an integer >= 0 (0 = all)")
+        )
+    model_kinds = __getattr__("MODEL_KINDS")
+    hidden, channels = get("model.hidden"), get("model.channels")
+    checks += [
+        (
+            "model.kind",
+            get("model.kind") in model_kinds,
+            f"must be one of {', '.join(model_kinds)}",
+        ),
+        (
+            "model.hidden",
+            isinstance(hidden, tuple | list)
+            and len(hidden) > 0
+            and all(_is_int(w) and w > 0 for w in hidden),
+            "must be a non-empty list of positive integers, e.g. (512, 256, 128)",
+        ),
+        (
+            "model.channels",
+            isinstance(channels, tuple | list)
+            and 1 <= len(channels) <= 3
+            and all(_is_int(c) and c > 0 for c in channels),
+            "must be 1 to 3 positive integers (each level after the first halves the 28x28 "
+            "image), e.g. (32, 64, 64)",
+        ),
+        (
+            "model.convs_per_level",
+            _is_int(get("model.convs_per_level")) and get("model.convs_per_level") >= 1,
+            "must be an integer >= 1",
+        ),
+    ]
     for key in ("model.tied_weights", "model.skip"):
-        check(key, isinstance(get(key), bool), "must be True or False")
-    kind = get("noise.kind")
-    check("noise.kind", kind in noise_kinds, f"must be one of {', '.join(noise_kinds)}")
-    level = get("noise.level")
+        checks.append((key, isinstance(get(key), bool), "must be True or False"))
+    return checks
+
+
+def _training_checks(get: Callable[[str], Any]) -> list[_Check]:
+    noise_kinds, loss_names = __getattr__("NOISE_KINDS"), __getattr__("LOSSES")
+    kind, level, lr = get("noise.kind"), get("noise.level"), get("optim.learning_rate")
+    checks = [("noise.kind", kind in noise_kinds, f"must be one of {', '.join(noise_kinds)}")]
     if kind == "gaussian":
-        check(
-            "noise.level",
-            _is_number(level) and math.isfinite(level) and level >= 0,
-            "the Gaussian noise's standard deviation must be a finite number >= 0",
+        checks.append(
+            (
+                "noise.level",
+                _is_number(level) and math.isfinite(level) and level >= 0,
+                "the Gaussian noise's standard deviation must be a finite number >= 0",
+            )
         )
     else:
-        check(
-            "noise.level",
-            _is_number(level) and 0 <= level <= 1,
-            f"{kind} corrupts a fraction of the pixels: it must be in [0, 1]",
+        checks.append(
+            (
+                "noise.level",
+                _is_number(level) and 0 <= level <= 1,
+                f"{kind} corrupts a fraction of the pixels: it must be in [0, 1]",
+            )
         )
-    check("loss", get("loss") in loss_names, f"must be one of {', '.join(loss_names)}")
-    lr = get("optim.learning_rate")
-    check(
-        "optim.learning_rate",
-        _is_number(lr) and math.isfinite(lr) and lr > 0,
-        "must be a finite number > 0",
-    )
+    checks += [
+        ("loss", get("loss") in loss_names, f"must be one of {', '.join(loss_names)}"),
+        (
+            "optim.learning_rate",
+            _is_number(lr) and math.isfinite(lr) and lr > 0,
+            "must be a finite number > 0",
+        ),
+    ]
     for key in (
         "train.epochs",
         "train.batch_size",
@@ -226,21 +250,22 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collec
         "checkpoint.every_epochs",
         "checkpoint.keep",
     ):
-        check(key, _is_int(get(key)) and get(key) >= 1, "must be an integer >= 1")
-    check(
-        "train.scan_unroll",
-        _is_int(get("train.scan_unroll")) and get("train.scan_unroll") >= 0,
-        "must be an integer >= 0 (0 = auto)",
-    )
-    check(
-        "train.data_parallel", isinstance(get("train.data_parallel"), bool), "must be True or False"
-    )
-    check(
-        "eval.num_figure_images",
-        _is_int(get("eval.num_figure_images")) and get("eval.num_figure_images") >= 1,
-        "must be an integer >= 1",
-    )
-    for key, ok, allowed in checks:
-        if not ok:
-            raise _fail(key, get(key), allowed)
-    return config
+        checks.append((key, _is_int(get(key)) and get(key) >= 1, "must be an integer >= 1"))
+    checks += [
+        (
+            "train.scan_unroll",
+            _is_int(get("train.scan_unroll")) and get("train.scan_unroll") >= 0,
+            "must be an integer >= 0 (0 = auto)",
+        ),
+        (
+            "train.data_parallel",
+            isinstance(get("train.data_parallel"), bool),
+            "must be True or False",
+        ),
+        (
+            "eval.num_figure_images",
+            _is_int(get("eval.num_figure_images")) and get("eval.num_figure_images") >= 1,
+            "must be an integer >= 1",
+        ),
+    ]
+    return checks
