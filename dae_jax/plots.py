@@ -87,9 +87,15 @@ def _mean_std_by(
 
 def sweep_figures(directory: Path, rows, arms, lines, examples, clean: np.ndarray) -> None:
     """The figures of an ablation sweep (see ``dae_jax.sweep``)."""
-    kinds = sorted({arm.kind for arm in arms})
+    _quality_vs_level(directory, rows, arms)
+    _train_vs_test_level(directory, rows, arms)
+    _reconstructions(directory, examples, clean)
+    _probe_vs_level(directory, rows, arms)
 
-    # Quality vs level, against the noisy input and the classical references.
+
+def _quality_vs_level(directory: Path, rows, arms) -> None:
+    """Quality vs level, against the noisy input and the classical references."""
+    kinds = sorted({arm.kind for arm in arms})
     fig, axes = plt.subplots(len(kinds), 2, figsize=(11, 4 * len(kinds)), dpi=DPI, squeeze=False)
     for row, kind in enumerate(kinds):
         for col, metric in enumerate(("psnr", "ssim")):
@@ -130,7 +136,9 @@ def sweep_figures(directory: Path, rows, arms, lines, examples, clean: np.ndarra
             ax.legend(fontsize=7)
     _save(fig, directory / "quality_vs_level.png")
 
-    # Train level x test level PSNR, one panel per arm.
+
+def _train_vs_test_level(directory: Path, rows, arms) -> None:
+    """Train level x test level PSNR, one panel per arm."""
     fig, axes = plt.subplots(1, len(arms), figsize=(5 * len(arms), 4.2), dpi=DPI, squeeze=False)
     for ax, arm in zip(axes[0], arms, strict=True):
         levels = list(arm.levels)
@@ -160,7 +168,9 @@ def sweep_figures(directory: Path, rows, arms, lines, examples, clean: np.ndarra
         fig.colorbar(image, ax=ax, fraction=0.046)
     _save(fig, directory / "train_vs_test_level.png")
 
-    # Reconstructions: clean on top, then noisy and reconstructed rows per model.
+
+def _reconstructions(directory: Path, examples, clean: np.ndarray) -> None:
+    """Reconstructions: clean on top, then noisy and reconstructed rows per model."""
     names = list(examples)
     count = len(clean)
     fig, axes = plt.subplots(
@@ -184,7 +194,9 @@ def sweep_figures(directory: Path, rows, arms, lines, examples, clean: np.ndarra
     fig.savefig(directory / "reconstructions.png", dpi=DPI)
     plt.close(fig)
 
-    # Linear-probe accuracy vs level, against raw pixels.
+
+def _probe_vs_level(directory: Path, rows, arms) -> None:
+    """Linear-probe accuracy vs level, against raw pixels."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=DPI)
     for arm in arms:
         x, mean, std = _mean_std_by(rows, model=arm.name, metric="probe_accuracy")
