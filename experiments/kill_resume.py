@@ -6,8 +6,9 @@ uninterrupted one does.
 
 Runs ``experiments/noise_sweep.py`` with the sweep flags (default: a quick synthetic
 sweep) once uninterrupted into ``W/reference`` (timing it), then into ``W/killed``
-with ``--kills`` SIGKILLs, each at a moment drawn uniformly from the reference's run
-time and each followed by the same command again, and finally lets it finish. It
+with ``--kills`` SIGKILLs at moments drawn uniformly over the reference's run time
+(sorted; each run is killed the gap to the next moment after its start) and each
+followed by the same command again, and finally lets it finish. It
 prints where each kill landed and exits 1 unless the two ``results.csv`` are identical.
 """
 
@@ -61,8 +62,12 @@ def main(argv: list[str]) -> None:
     seconds = time.perf_counter() - begin
     print(f"uninterrupted: {seconds:.1f} s")
     killed = workdir / "killed"
-    for i in range(flags.FLAGS.kills):
-        at = rng.uniform(0, seconds)
+    # The kill moments, drawn over the uninterrupted run's time and sorted: run k+1 is
+    # killed the gap between moments k and k+1 after its start, so the kills spread over
+    # the sweep's stages instead of landing after a resumed run (shorter) has finished.
+    moments = sorted(rng.uniform(0, seconds) for _ in range(flags.FLAGS.kills))
+    for i, moment in enumerate(moments):
+        at = moment - (moments[i - 1] if i else 0.0)
         process = _sweep(killed, extra)
         time.sleep(at)
         if process.poll() is None:
