@@ -3,11 +3,10 @@
 ``dae-jax train`` is a population of one; a sweep is a population of many (one member
 per seed x noise level x learning rate). Either way the loop is the same: chunks of
 ``train.log_every`` steps run as one jitted ``vmap(scan(train_step))`` (a population
-of one without the vmap), the chunk's
-losses come back once, and per epoch the population is evaluated, logged and
-checkpointed. Everything a run needs to resume exactly (the stacked states, each
-member's root key and settings, the position in training, which members diverged,
-the config) lives in its checkpoint.
+of one without the vmap), the chunk's losses come back once, and per epoch the
+population is evaluated, logged and checkpointed. Everything a run needs to resume
+exactly (the stacked states, each member's root key and settings, the position in
+training, which members diverged, the config) lives in its checkpoint.
 
 A member whose loss or parameters turn non-finite in a chunk goes back to its state at
 that chunk's start (its last state known finite), stays there, and is recorded as

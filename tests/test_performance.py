@@ -52,7 +52,7 @@ def test_benchmark_harness_writes_its_table_for_mlp_and_conv_rows(tmp_path):
         "--repeats=2",
         "--num_images=128",
         "--matmul_size=128",
-        "--conv=skip",
+        "--conv=plain,skip",
         "--channels=4,8",
         "--conv_batch_size=8",
         "--conv_steps=2",
@@ -78,7 +78,7 @@ def test_benchmark_harness_writes_its_table_for_mlp_and_conv_rows(tmp_path):
     assert mlp[1]["flops_per_step"] >= 2 * minimum
     assert "| model | batch | models | compile s |" in result.stdout
 
-    assert [r["model"] for r in conv] == ["conv 4-8 + skips"]
+    assert [r["model"] for r in conv] == ["conv 4-8", "conv 4-8 + skips"]
     for row in conv:
         assert row["batch_size"] == 8 and row["models"] == 1 and row["steps_per_call"] == 2
         # Forward alone: a 3x3 conv per output pixel and layer, 2 FLOPs a multiply-add.
