@@ -33,6 +33,17 @@ def bce_per_example(logits: ArrayLike, targets: ArrayLike) -> jax.Array:
 PER_EXAMPLE: dict[str, LossPerExample] = {"mse": mse_per_example, "bce": bce_per_example}
 
 
+def per_example(name: str, outputs: ArrayLike, targets: ArrayLike, predicts: str) -> jax.Array:
+    """The loss ``name`` of a model's ``outputs``, logits or pixels (``predicts``; see
+    ``dae_jax.models``). A model that predicts pixels (DnCNN) takes the MSE on its
+    unclipped output; the configs refuse BCE for it."""
+    if predicts == "pixels":
+        if name != "mse":
+            raise ValueError(f"a model that predicts pixels takes the mse loss, not {name}")
+        return _mean_over_pixels(optax.squared_error(jnp.asarray(outputs), jnp.asarray(targets)))
+    return PER_EXAMPLE[name](outputs, targets)
+
+
 def mse(logits: ArrayLike, targets: ArrayLike) -> jax.Array:
     """Per-pixel mean squared error of the reconstruction, as ``nn.MSELoss()``."""
     return jnp.mean(mse_per_example(logits, targets))

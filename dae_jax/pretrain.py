@@ -132,7 +132,7 @@ class Classifier(nnx.Module):
 
 def classifier_from(model: models.Dae, key: jax.Array) -> Classifier:
     """A classifier on ``model``'s encoder (its current weights) with a fresh head."""
-    code_size = int(model.encode(jnp.zeros((1, *models.IMAGE_SHAPE))).shape[1])
+    code_size = int(model.encode(jnp.zeros((1, *model.image_shape))).shape[1])
     return Classifier(model, code_size, rngs=nnx.Rngs(key))
 
 

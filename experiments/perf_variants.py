@@ -8,7 +8,7 @@ images resident on the device; median of 5 calls of 100 steps each, after a warm
 
 ``conv_ops``: each layer of the default conv DAE (channels (32, 64, 64)) at batch 128,
 jitted alone: forward, input gradient and kernel gradient, as ``lax`` computes them
-(what ``nnx.Conv`` / ``nnx.ConvTranspose`` run) and as ``models.conv_general_dilated``
+(what ``nnx.Conv`` / ``nnx.ConvTranspose`` run) and as ``fast_conv.conv_general_dilated``
 does (kernel gradient tap by tap), plus the sub-pixel form of the transposed
 convolutions (a stride-1 2x2 convolution to 4x the channels, then depth-to-space).
 The variants run interleaved, ``--repeats`` rounds; min and median ms.
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dae_jax import models, train
+from dae_jax import fast_conv, train
 from dae_jax.configs import seed
 
 STEPS = 100
@@ -139,7 +139,7 @@ def conv_ops(only: str = "", repeats: int = 7, batch: int = 128) -> None:
                 "lax": lambda x, k: jax.lax.conv_transpose(
                     x, k, (2, 2), "SAME", dimension_numbers=NHWC
                 ),
-                "tapwise": lambda x, k: models.conv_general_dilated(
+                "tapwise": lambda x, k: fast_conv.conv_general_dilated(
                     x, k, (1, 1), ((2, 1), (2, 1)), lhs_dilation=(2, 2), dimension_numbers=NHWC
                 ),
                 "sub-pixel": subpixel_conv_transpose,
@@ -153,7 +153,7 @@ def conv_ops(only: str = "", repeats: int = 7, batch: int = 128) -> None:
                     dimension_numbers=NHWC,
                 ),
                 "tapwise": functools.partial(
-                    models.conv_general_dilated,
+                    fast_conv.conv_general_dilated,
                     window_strides=(stride, stride),
                     padding="SAME",
                     dimension_numbers=NHWC,

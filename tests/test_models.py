@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dae_jax import models
+from dae_jax import fast_conv, models
 from dae_jax.configs import default, seed
 
 
@@ -34,13 +34,13 @@ def test_shapes_for_both_input_layouts(shape):
     y = model(x)
     assert y.shape == shape
     np.testing.assert_allclose(y.reshape(3, -1), decoded.reshape(3, -1), rtol=1e-6)
-    np.testing.assert_allclose(jax.nn.sigmoid(model.logits(x)), y, rtol=1e-6)
+    np.testing.assert_allclose(model.to_pixels(model.outputs(x)), y, rtol=1e-6)
 
 
 def test_widths_come_from_the_config():
     config = default.get_config()
     config.model.hidden = (100, 10)
-    model = models.create(config, key=jax.random.key(0))
+    model = cast(models.MlpDae, models.create(config, key=jax.random.key(0)))
     assert [layer.kernel.shape for layer in model.encoder] == [(784, 100), (100, 10)]
     assert [layer.kernel.shape for layer in model.decoder] == [(10, 100), (100, 784)]
     assert model.encode(jnp.zeros((2, 784))).shape == (2, 10)
@@ -81,7 +81,7 @@ def test_every_kind_keeps_the_model_contract(model_config, code_size):
         y = model(x)
         assert y.shape == shape
         assert bool(jnp.all((y >= 0) & (y <= 1)))
-        np.testing.assert_allclose(jax.nn.sigmoid(model.logits(x)), y, rtol=1e-6)
+        np.testing.assert_allclose(model.to_pixels(model.outputs(x)), y, rtol=1e-6)
         if not model_config.get("skip"):
             np.testing.assert_allclose(model.decode(codes).reshape(shape), y, rtol=1e-5, atol=1e-6)
 
@@ -102,8 +102,11 @@ def test_skip_connections_change_the_output_but_not_the_parameters():
 
 
 def test_tied_weights_share_one_kernel_and_it_gets_both_gradients():
-    tied = models.create(_config(tied_weights=True, hidden=(32, 8)), key=jax.random.key(0))
-    untied = models.create(_config(hidden=(32, 8)), key=jax.random.key(0))
+    tied = cast(
+        models.MlpDae,
+        models.create(_config(tied_weights=True, hidden=(32, 8)), key=jax.random.key(0)),
+    )
+    untied = cast(models.MlpDae, models.create(_config(hidden=(32, 8)), key=jax.random.key(0)))
     # Half the kernels: only the encoder's exist; the decoder has biases only.
     kernels = [p for path, p in nnx.to_flat_state(nnx.state(tied, nnx.Param)) if "kernel" in path]
     assert [k.shape for k in kernels] == [(784, 32), (32, 8)]
@@ -133,9 +136,14 @@ def test_tied_weights_share_one_kernel_and_it_gets_both_gradients():
         assert float(jnp.abs(g_untied.decoder[j].kernel[...]).sum()) > 0
 
 
-def test_conv_levels_must_divide_the_image():
-    with pytest.raises(ValueError, match="give fewer channels"):
-        models.ConvDae((8, 8, 8, 8), rngs=nnx.Rngs(0))
+def test_a_conv_dae_pads_an_image_its_strides_do_not_divide_and_crops_back():
+    model = models.ConvDae((8, 8, 8, 8), rngs=nnx.Rngs(0))  # 28 -> 32 -> 16 -> 8 -> 4
+    x = jax.random.uniform(jax.random.key(1), (2, 28, 28, 1))
+    assert model(x).shape == (2, 28, 28, 1)
+    assert model.encode(x).shape == (2, 4 * 4 * 8)
+    assert model.decode(model.encode(x)).shape == (2, 28, 28, 1)
+    odd = jax.random.uniform(jax.random.key(2), (1, 37, 50, 1))
+    assert model(odd).shape == (1, 37, 50, 1)
 
 
 def _assert_close(fast, plain, what):
@@ -173,7 +181,7 @@ def test_fast_conv_is_nnx_conv(c_in, c_out, strides, size):
             c_in, c_out, (3, 3), strides=strides, conv_general_dilated=fn, rngs=nnx.Rngs(0)
         )
 
-    fast, plain = conv(models.conv_general_dilated), conv(jax.lax.conv_general_dilated)
+    fast, plain = conv(fast_conv.conv_general_dilated), conv(jax.lax.conv_general_dilated)
     x = jax.random.normal(jax.random.key(1), (3, size, size, c_in))
     _same_params_and_grads(lambda m, x: m(x), lambda m, x: m(x), fast, plain, x)
 
@@ -182,8 +190,8 @@ def test_fast_conv_is_nnx_conv(c_in, c_out, strides, size):
 def test_fast_conv_transpose_is_nnx_conv_transpose(c_in, c_out, size):
     layer = nnx.ConvTranspose(c_in, c_out, (3, 3), strides=2, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (3, size, size, c_in))
-    assert models.conv_transpose(layer, x).shape == (3, 2 * size, 2 * size, c_out)
-    _same_params_and_grads(models.conv_transpose, lambda m, x: m(x), layer, layer, x)
+    assert fast_conv.conv_transpose(layer, x).shape == (3, 2 * size, 2 * size, c_out)
+    _same_params_and_grads(fast_conv.conv_transpose, lambda m, x: m(x), layer, layer, x)
 
 
 @pytest.mark.parametrize("skip", [False, True])
