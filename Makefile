@@ -15,14 +15,14 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,bm3d]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,bm3d,natural]'
 	touch $@
 
 # TensorFlow, which tensorflow-datasets needs to download and prepare a dataset online.
 tfds-prepare: $(VENV)/.tfds-prepare
 
 $(VENV)/.tfds-prepare: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e '.[dev,bm3d,tfds-prepare]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,bm3d,natural,tfds-prepare]'
 	touch $@
 
 # Fashion-MNIST from Debian's `dataset-fashion-mnist` package (offline, no TensorFlow needed).

@@ -128,16 +128,16 @@ def bm3d_denoise(
     pool: concurrent.futures.Executor | None = None,
 ) -> np.ndarray:
     """BM3D (white-noise mode, both stages, one thread per image: deterministic) of each
-    image of ``[B, H, W, 1]`` or ``[B, H, W]``, on the host; the result is clipped to
-    [0, 1]. With ``pool`` (see :func:`bm3d_pool`) the images are split over its worker
-    processes; the result is the same.
+    image of ``[B, H, W, 1]``, ``[B, H, W]`` or (colour) ``[B, H, W, 3]``, on the host;
+    the result is clipped to [0, 1]. With ``pool`` (see :func:`bm3d_pool`) the images are
+    split over its worker processes; the result is the same.
 
     ``clipped_sigma``: the noisy images are clipped Gaussian noise of this standard
     deviation; the clipping bias is undone (:func:`undo_clipping_bias`) before clipping.
     """
     _bm3d_module()
     images = np.asarray(noisy, np.float32)
-    flat = images.reshape(images.shape[:3])
+    flat = images.reshape(images.shape[:3]) if images.ndim == 3 or images.shape[-1] == 1 else images
     if pool is None:
         out = bm3d_images.denoise(flat, sigma_psd)
     else:

@@ -38,6 +38,12 @@ SCIENCE_KEYS = (
     "data.name",
     "data.train_size",
     "data.test_size",
+    "data.channels",
+    "data.image_shape",
+    "data.patch_size",
+    "data.patches_per_image",
+    "data.augment",
+    "data.test_fraction",
     "model",
     "noise",
     "loss",
@@ -53,21 +59,30 @@ def plain(config: ml_collections.ConfigDict | dict) -> dict:
     return json.loads(json.dumps(as_dict))
 
 
-def _lookup(tree: dict, key: str) -> Any:
+_MISSING = object()
+
+
+def _lookup(tree: dict, key: str, missing: Any = None) -> Any:
+    """``tree``'s value at dotted ``key``; ``missing`` (default ``{}``) where it has none."""
     for part in key.split("."):
-        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+        tree = tree.get(part, _MISSING) if isinstance(tree, dict) else _MISSING
+        if tree is _MISSING:
+            return {} if missing is None else missing
     return tree
 
 
 def science_changes(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
     """``key: old -> new`` for each science key that differs from the saved config.
 
-    A key the saved config lacks (it predates the key) counts as its default value."""
+    A key the saved config lacks (it predates the key) counts as its default value; an
+    image shape it lacks, as the 28x28x1 every run had before the key existed."""
     new = plain(config)
     defaults = plain(default.get_config())
+    defaults["data"]["image_shape"] = list(models.IMAGE_SHAPE)
     changes = []
     for key in SCIENCE_KEYS:
-        before, after = _lookup(saved, key), _lookup(new, key)
+        before = _lookup(saved, key, missing=_lookup(defaults, key))
+        after = _lookup(new, key)
         if isinstance(before, dict) and isinstance(after, dict):
             before = {**_lookup(defaults, key), **before}
         if before != after:

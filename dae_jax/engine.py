@@ -46,6 +46,7 @@ from dae_jax.step import (
     key_streams,
     padded_test_batches,
     population_chunk,
+    test_images,
     to_float,
 )
 
@@ -236,11 +237,44 @@ def run(
         enable_compile_cache(config.compile_cache, log or print)
         if dataset is None:
             dataset = data.load(config.data, seed=config.seed)
+        config = with_image_shape(config, dataset)
         loop = _Loop(config, workdir, tuple(members), dataset, train_indices, log, started)
         try:
             return loop.train(on_epoch, figures)
         finally:
             loop.checkpoints.close()  # every save in flight is finished before we return
+
+
+def with_image_shape(
+    config: ml_collections.ConfigDict, dataset: data.Dataset
+) -> ml_collections.ConfigDict:
+    """``config`` with ``data.image_shape`` read from ``dataset`` (a copy), after checking
+    that the model can train on its images: a shape given in the config must be the
+    data's, images of different sizes need patches, and patches must fit in every image."""
+    shape = dataset.image_shape
+    given = tuple(config.data.get("image_shape", ()) or ())
+    if given and given != shape:
+        raise UserError(
+            f"config data.image_shape={given} but {dataset.name}'s images are "
+            f"{'x'.join(map(str, shape))}; leave data.image_shape=() to read it from the data"
+        )
+    patch = int(config.data.get("patch_size", 0) or 0)
+    if shape[0] == 0 and not patch:
+        raise UserError(
+            f"{dataset.name}'s training images differ in size (the smallest side is "
+            f"{dataset.min_train_size}); train on patches cut from them: "
+            "--config.data.patch_size=N (e.g. 40)"
+        )
+    smallest = min(dataset.min_train_size, *dataset.test_images.shape[1:3])
+    fixed = not models.kind(config).fully_convolutional
+    if patch and patch > (smallest if fixed else dataset.min_train_size):
+        raise UserError(
+            f"data.patch_size={patch} is larger than {dataset.name}'s smallest image side "
+            f"({smallest if fixed else dataset.min_train_size}); give a smaller patch size"
+        )
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    resolved.data.image_shape = tuple(shape)
+    return resolved
 
 
 class _Loop:
@@ -260,7 +294,7 @@ class _Loop:
         self.started, self.log = started, log
         self.k = len(members)
         self.index_KxN = None
-        num_train = len(dataset.train_images)
+        num_train = len(dataset.train_images) * int(config.data.get("patches_per_image", 1))
         if train_indices is not None:
             if len(train_indices) != self.k or len({len(i) for i in train_indices}) != 1:
                 raise UserError("a population needs one index set per model, all of the same size")
@@ -370,10 +404,20 @@ class _Loop:
     # ------------------------------------------------------------------- the loop
 
     def train(self, on_epoch: EpochCallback | None, figures: bool) -> Result:
+        shape = self.config.data.image_shape
+        size = f"of various sizes x {shape[2]}" if shape[0] == 0 else "x".join(map(str, shape))
+        patches = (
+            f", trained on {self.setup.patch_size}x{self.setup.patch_size} patches"
+            if self.setup.patch_size
+            else ""
+        )
         self.say(
             f"Data: {self.dataset.name} from {self.dataset.source} "
             f"({len(self.dataset.train_images)} train, {len(self.dataset.test_images)} test images)"
+            f" {size}{patches}"
         )
+        for note in self.dataset.notes:
+            self.say(f"Data: {note}")
         restored = self._restore()
         if restored is not None:
             state, position, meta = restored
@@ -425,8 +469,15 @@ class _Loop:
         """The run's device arrays, placed once."""
         streams = jax.vmap(key_streams)(position.root_keys)
         p = self.placement
-        images = self.dataset.train_images
-        batches, weights = padded_test_batches(self.dataset, self.config.eval.batch_size)
+        images: Any = self.dataset.train_images
+        if self.setup.patch_size:  # patches are cropped inside each image's own size
+            sizes = self.dataset.train_sizes
+            if sizes is None:
+                sizes = np.tile(np.asarray(images.shape[1:3], np.int32), (len(images), 1))
+            images = (images, sizes)
+        batches, weights = padded_test_batches(
+            self.dataset, self.config.eval.batch_size, self.config
+        )
         hyper = Hyper(
             jnp.asarray([m.level for m in self.members], jnp.float32),
             jnp.asarray([m.learning_rate for m in self.members], jnp.float32),
@@ -752,7 +803,7 @@ def _write_figures(
     history: list[dict[str, Any]],
 ) -> None:
     count = min(config.eval.num_figure_images, len(dataset.test_images))
-    clean = to_float(jnp.asarray(dataset.test_images[:count]))
+    clean = to_float(jnp.asarray(test_images(dataset, config)[:count]))
     noisy = setup.corrupt(jax.random.fold_in(eval_key, 0), clean, jnp.float32(config.noise.level))
     reconstructed = nnx.merge(setup.graphdef, params)(noisy)
     psnr_noisy = float(jnp.mean(metrics.psnr(noisy, clean)))

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from dae_jax import checkpointing, data, runfiles, train
@@ -54,7 +55,9 @@ def evaluate_workdir(
     dataset = data.load(config.data, seed=config.seed)
     graphdef, params = train.nnx.split(run.model)
     setup = train.Setup.from_config(config, graphdef)
-    batches, weights = jax.device_put(train.padded_test_batches(dataset, config.eval.batch_size))
+    batches, weights = jax.device_put(
+        train.padded_test_batches(dataset, config.eval.batch_size, config)
+    )
     eval_key = train.key_streams(config.seed).eval
     values = jax.jit(train.evaluate, static_argnums=0)(
         setup, params, batches, weights, eval_key, jnp.float32(config.noise.level)
@@ -138,6 +141,25 @@ def _gray(image: Image.Image, changes: list[str]) -> np.ndarray:
     return np.asarray(image, np.float32) / 255.0
 
 
+def _rgb(image: Image.Image, changes: list[str]) -> np.ndarray:
+    """Any Pillow image as float32 RGB ``[H, W, 3]`` in [0, 1]: gray, 16-bit and float
+    images through :func:`_gray` and repeated, transparency composited onto black."""
+    mode = image.mode
+    if mode.startswith("I") or mode in ("F", "1", "L", "LA", "La"):
+        gray = _gray(image, changes)
+        changes.append("grayscale -> RGB")
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), np.float32) / 255.0
+        if (rgba[..., 3] < 1).any():
+            changes.append("transparency composited onto black")
+        return rgba[..., :3] * rgba[..., 3:]
+    if mode != "RGB":
+        changes.append(f"mode {mode} -> RGB")
+        image = image.convert("RGB")
+    return np.asarray(image, np.float32) / 255.0
+
+
 def _border(pixels: np.ndarray) -> float:
     """The median of the outermost pixels: the image's background, most likely."""
     edges = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
@@ -171,16 +193,26 @@ def _first_line(error: BaseException) -> str:
     return (str(error).splitlines() or [type(error).__name__])[0]
 
 
-def load_image(path: Path, warn: Callable[[str], None], *, invert: bool = False) -> np.ndarray:
-    """A user's image as float32 ``[28, 28, 1]`` in [0, 1], converted if it must be.
+def load_image(
+    path: Path,
+    warn: Callable[[str], None],
+    *,
+    invert: bool = False,
+    size: tuple[int, int] | None = (SIDE, SIDE),
+    channels: int = 1,
+    note_background: bool = True,
+) -> np.ndarray:
+    """A user's image as float32 ``[H, W, channels]`` in [0, 1], converted if it must be.
 
     16-bit and float images are scaled by their range, transparency is composited onto
-    black, a non-square image is padded with its border colour (the aspect ratio is
-    kept) before it is resized, and an animated image gives its first frame.
+    black, and an animated image gives its first frame. ``size=None`` keeps the image's
+    own size (a fully convolutional model); otherwise a non-square image is padded with
+    its border colour (the aspect ratio is kept) before it is resized to ``size``.
     ``invert`` turns dark-on-light images into the light-on-dark ones the model knows;
-    without it, an image that looks dark-on-light gets a note saying so.
+    without it, with ``note_background``, an image that looks dark-on-light gets a note.
     """
     changes: list[str] = []
+    convert = _gray if channels == 1 else _rgb
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -193,7 +225,7 @@ def load_image(path: Path, warn: Callable[[str], None], *, invert: bool = False)
                 if opened.getexif().get(0x0112, 1) in range(2, 9):  # phone photos: EXIF rotation
                     upright = ImageOps.exif_transpose(opened)
                     changes.append("turned upright by its EXIF orientation")
-                pixels = _gray(upright, changes)
+                pixels = convert(upright, changes)
     except (
         OSError,
         UnidentifiedImageError,
@@ -202,45 +234,68 @@ def load_image(path: Path, warn: Callable[[str], None], *, invert: bool = False)
         Image.DecompressionBombWarning,
     ) as e:
         raise UserError(f"cannot read image {path}: {_open_error(path, e)}", exit_code=1) from None
-    if pixels.ndim != 2 or 0 in pixels.shape:
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if pixels.ndim != 3 or 0 in pixels.shape:
         raise UserError(f"cannot read image {path}: it holds no 2-D image", exit_code=1)
     background = _border(pixels)
-    height, width = pixels.shape
-    if height != width:
-        side = max(height, width)
-        padded = np.full((side, side), background, np.float32)
-        top, left = (side - height) // 2, (side - width) // 2
-        padded[top : top + height, left : left + width] = pixels
-        pixels = padded
-    if pixels.shape != (SIDE, SIDE):
+    height, width = pixels.shape[:2]
+    if size is not None and (height, width) != size:
+        if height != width:
+            side = max(height, width)
+            padded = np.full((side, side, pixels.shape[2]), background, np.float32)
+            top, left = (side - height) // 2, (side - width) // 2
+            padded[top : top + height, left : left + width] = pixels
+            pixels = padded
         padding = f" (padded to {len(pixels)}x{len(pixels)} first)" if height != width else ""
-        changes.append(f"size {width}x{height} -> {SIDE}x{SIDE}{padding}")
-        resized = Image.fromarray(pixels).resize((SIDE, SIDE), Image.Resampling.LANCZOS)
-        pixels = np.clip(np.asarray(resized, np.float32), 0.0, 1.0)
+        changes.append(f"size {width}x{height} -> {size[1]}x{size[0]}{padding}")
+        pixels = np.stack(
+            [
+                np.asarray(
+                    Image.fromarray(pixels[..., c]).resize(
+                        (size[1], size[0]), Image.Resampling.LANCZOS
+                    ),
+                    np.float32,
+                )
+                for c in range(pixels.shape[2])
+            ],
+            axis=-1,
+        )
+        pixels = np.clip(pixels, 0.0, 1.0)
     if invert:
         pixels = 1.0 - pixels
         changes.append("inverted")
-        if background < 1 - DARK_ON_LIGHT:
+        if note_background and background < 1 - DARK_ON_LIGHT:
             warn(
                 f"note: {path} already looks light-on-dark (its border is dark); "
                 "--invert made it dark-on-light"
             )
-    elif background > DARK_ON_LIGHT:
+    elif note_background and background > DARK_ON_LIGHT:
         warn(
             f"note: {path} looks dark-on-light (its border is light); the model knows light "
             "objects on a dark background, like Fashion-MNIST: add --invert"
         )
     if changes:
         warn(f"warning: {path}: converted ({', '.join(changes)})")
-    return pixels[..., None]
+    return pixels
 
 
-def _comparison(noisy: np.ndarray, denoised: np.ndarray, scale: int = 8) -> Image.Image:
-    """Input | reconstruction side by side, enlarged for viewing."""
-    gap = np.ones((28, 2), np.float32)
-    row = np.concatenate([noisy[..., 0], gap, denoised[..., 0]], axis=1)
-    image = Image.fromarray(np.round(np.clip(row, 0, 1) * 255).astype(np.uint8))
-    return image.resize((row.shape[1] * scale, 28 * scale), Image.Resampling.NEAREST)
+def _to_pil(pixels: np.ndarray) -> Image.Image:
+    """float ``[H, W, 1 or 3]`` in [0, 1] as an 8-bit L or RGB image."""
+    values = np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
+    return Image.fromarray(values[..., 0] if values.shape[-1] == 1 else values)
+
+
+def _comparison(noisy: np.ndarray, denoised: np.ndarray) -> Image.Image:
+    """Input | reconstruction side by side; small images enlarged for viewing (28x28: 8x)."""
+    height = noisy.shape[0]
+    scale = max(1, 224 // max(noisy.shape[:2]))
+    gap = np.ones((height, 2, noisy.shape[2]), np.float32)
+    row = np.concatenate([noisy, gap, denoised], axis=1)
+    image = _to_pil(row)
+    if scale == 1:
+        return image
+    return image.resize((row.shape[1] * scale, height * scale), Image.Resampling.NEAREST)
 
 
 SOFTWARE = "dae-jax denoise"  # the PNG tag that marks a file denoise wrote
@@ -324,7 +379,8 @@ def denoise_files(
 ) -> list[Path]:
     """Denoises each image with ``workdir``'s model into ``output``; returns what it wrote.
 
-    Each input gives ``<stem>.png`` (the 28x28 reconstruction) and
+    Each input gives ``<stem>.png`` (the reconstruction: at the image's own size and in the
+    model's colours for a fully convolutional model, at the model's size for the MLP) and
     ``<stem>_comparison.png`` (input and reconstruction side by side). A name that is
     taken (an input, another output of this call, a file denoise did not write) becomes
     ``<stem>-2.png`` and so on: nothing is written over. An unreadable input is reported
@@ -350,19 +406,27 @@ def denoise_files(
     names = _Names(output, paths)
     written: list[Path] = []
     failed = 0
+    shape = tuple(run.model.image_shape)
+    whole = bool(getattr(run.model, "fully_convolutional", False))
+    graphdef, params = nnx.split(run.model)
+    denoiser = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))  # compiled once per image size
     for path in paths:
         try:
-            noisy = load_image(path, warn, invert=invert)
+            noisy = load_image(
+                path,
+                warn,
+                invert=invert,
+                size=None if whole else (shape[0], shape[1]),
+                channels=shape[2],
+                note_background=run.config.data.name in (*data.IDX_NAMES, "synthetic"),
+            )
         except UserError as e:
             warn(f"error: {e}")
             failed += 1
             continue
-        denoised = np.asarray(run.model(jnp.asarray(noisy[None])))[0]
+        denoised = np.asarray(denoiser(params, jnp.asarray(noisy[None])))[0]
         target, comparison, why = names.claim(path.stem)
-        _save(
-            Image.fromarray(np.round(np.clip(denoised[..., 0], 0, 1) * 255).astype(np.uint8)),
-            target,
-        )
+        _save(_to_pil(denoised), target)
         _save(_comparison(noisy, denoised), comparison)
         written += [target, comparison]
         say(f"{path} -> {target}, {comparison}" + (f" ({why})" if why else ""))

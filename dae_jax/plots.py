@@ -251,3 +251,30 @@ def roc_figure(path: Path, curves: dict) -> None:
     ax.plot([0, 1], [0, 1], "k:", linewidth=1, label="chance")
     ax.set_title("held-out class vs the rest, by reconstruction error")
     _finish(fig, ax, path, "false-positive rate", "true-positive rate")
+
+
+def image_grid(
+    path: Path,
+    rows: Sequence[Sequence[np.ndarray]],
+    *,
+    row_labels: Sequence[str],
+    column_labels: Sequence[str],
+) -> None:
+    """Images ``[H, W, 1 or 3]`` in [0, 1] in a grid, labelled by row and column."""
+    num_rows, num_cols = len(rows), len(rows[0])
+    fig, axes = plt.subplots(
+        num_rows, num_cols, figsize=(2 * num_cols + 0.8, 2 * num_rows + 0.4), dpi=DPI,
+        squeeze=False,
+    )  # fmt: skip
+    for r, images in enumerate(rows):
+        for c, image in enumerate(images):
+            ax = axes[r, c]
+            ax.imshow(np.clip(image.squeeze(), 0, 1), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(column_labels[c], fontsize=10)
+        axes[r, 0].set_ylabel(row_labels[r], fontsize=10)
+    fig.subplots_adjust(left=0.08, right=0.99, top=0.92, bottom=0.02, wspace=0.05, hspace=0.05)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)

@@ -110,6 +110,8 @@ class Setup:
     clip: bool
     unroll: int = 1  # lax.scan unroll: speed only (fewer loop iterations per chunk)
     optimizer: Callable[[jax.Array], optax.GradientTransformation] = make_optimizer
+    patch_size: int = 0  # > 0: train on random patches of this side (images come with sizes)
+    augment: bool = False  # patches: random flips and transposes
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef) -> Setup:
@@ -119,6 +121,8 @@ class Setup:
             noise_kind=config.noise.kind,
             clip=bool(config.noise.clip),
             unroll=scan_unroll(config),
+            patch_size=int(config.data.get("patch_size", 0) or 0),
+            augment=bool(config.data.get("augment", False)),
         )
 
     def corrupt(self, key: jax.Array, clean: jax.Array, level: jax.Array) -> jax.Array:
@@ -126,7 +130,7 @@ class Setup:
 
     def loss_per_example(self, params: nnx.State, noisy: jax.Array, clean: jax.Array):
         model = nnx.merge(self.graphdef, params)
-        return losses.PER_EXAMPLE[self.loss](model.logits(noisy), clean)
+        return losses.per_example(self.loss, model.outputs(noisy), clean, model.predicts)
 
 
 def _all_finite(tree: object) -> jax.Array:
@@ -216,6 +220,53 @@ def minibatch_epochs(
     return (best if score_fn is not None else last), epoch_losses, scores
 
 
+def crop_patches(
+    key: jax.Array,
+    images: tuple[jax.Array, jax.Array],
+    indices_B: jax.Array,
+    size: int,
+    augment: bool,
+) -> jax.Array:
+    """A random ``size x size`` patch of each image ``indices_B`` picks (modulo the image
+    count: an epoch of several patches per image), inside its own height and width, as
+    uint8 ``[B, size, size, C]``; with ``augment``, each flipped and transposed at random
+    (the eight symmetries of the square). ``images`` is ``(pixels [N, H, W, C], sizes [N, 2])``.
+    One gather from the device-resident images: nothing but the patches is copied."""
+    pixels_NxHxWxC, sizes_Nx2 = images
+    image_B = indices_B % pixels_NxHxWxC.shape[0]
+    sizes_Bx2 = sizes_Nx2[image_B]
+    offset_key, symmetry_key = jax.random.split(key)
+    room_Bx2 = sizes_Bx2 - size + 1
+    offsets_Bx2 = jnp.minimum(
+        jnp.floor(jax.random.uniform(offset_key, sizes_Bx2.shape) * room_Bx2).astype(jnp.int32),
+        room_Bx2 - 1,
+    )
+    channels = pixels_NxHxWxC.shape[-1]
+
+    def one(image: jax.Array, offset: jax.Array) -> jax.Array:
+        start = (image, offset[0], offset[1], 0)
+        return jax.lax.dynamic_slice(pixels_NxHxWxC, start, (1, size, size, channels))[0]
+
+    patches = jax.vmap(one)(image_B, offsets_Bx2)
+    if augment:
+        flips = jax.random.bernoulli(symmetry_key, 0.5, (3, image_B.shape[0], 1, 1, 1))
+        patches = jnp.where(flips[0], patches[:, ::-1], patches)
+        patches = jnp.where(flips[1], patches[:, :, ::-1], patches)
+        patches = jnp.where(flips[2], patches.transpose(0, 2, 1, 3), patches)
+    return patches
+
+
+def train_batch(
+    setup: Setup, images: Any, indices_B: jax.Array, key: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The clean training batch in [0, 1] and the key for its noise: the images by index,
+    or (``setup.patch_size``) random patches of them, cropped with a key split from ``key``."""
+    if not setup.patch_size:
+        return to_float(images[indices_B]), key
+    crop_key, key = jax.random.split(key)
+    return to_float(crop_patches(crop_key, images, indices_B, setup.patch_size, setup.augment)), key
+
+
 def train_chunk(
     setup: Setup,
     length: int,
@@ -240,8 +291,9 @@ def train_chunk(
     indices_LxB = jax.lax.dynamic_slice_in_dim(order_SxB, start, length)
 
     def body(state: TrainState, indices_B: jax.Array) -> tuple[TrainState, jax.Array]:
-        clean = to_float(images_u8[indices_B])
-        key = jax.random.fold_in(noise_key, state.step)
+        clean, key = train_batch(
+            setup, images_u8, indices_B, jax.random.fold_in(noise_key, state.step)
+        )
         return train_step(setup, state, clean, key, hyper)
 
     new, losses_L = jax.lax.scan(body, state, indices_LxB, unroll=min(setup.unroll, length))
@@ -320,11 +372,11 @@ def evaluate(
         index, images_u8, weights = args
         clean = to_float(images_u8)
         noisy = setup.corrupt(jax.random.fold_in(key, index), clean, level)
-        logits = model.logits(noisy)
-        denoised = jax.nn.sigmoid(logits)
+        outputs = model.outputs(noisy)
+        denoised = model.to_pixels(outputs)
         per_example = jnp.stack(
             [
-                losses.PER_EXAMPLE[setup.loss](logits, clean),
+                losses.per_example(setup.loss, outputs, clean, model.predicts),
                 metrics.psnr(noisy, clean),
                 metrics.psnr(denoised, clean),
                 metrics.ssim(noisy, clean),
@@ -366,9 +418,24 @@ def batched_with_padding(images: np.ndarray, batch_size: int) -> tuple[np.ndarra
     )
 
 
-def padded_test_batches(dataset: data.Dataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def test_images(dataset: data.Dataset, config: ml_collections.ConfigDict) -> np.ndarray:
+    """The test images a run is evaluated on: the dataset's, or their centres when the model
+    takes one size only (an MLP trained on patches) and they are of another."""
+    images = dataset.test_images
+    if models.kind(config).fully_convolutional:
+        return images
+    height, width = models.input_shape(config)[:2]
+    if images.shape[1:3] == (height, width):
+        return images
+    return data.centre_crop(list(images), height, width)
+
+
+def padded_test_batches(
+    dataset: data.Dataset, batch_size: int, config: ml_collections.ConfigDict | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The test images as padded batches with their weights (host arrays; place them once)."""
-    return batched_with_padding(dataset.test_images, min(batch_size, len(dataset.test_images)))
+    images = dataset.test_images if config is None else test_images(dataset, config)
+    return batched_with_padding(images, min(batch_size, len(images)))
 
 
 def chunks(steps: int, log_every: int, first: int = 0) -> Iterator[tuple[int, int]]:

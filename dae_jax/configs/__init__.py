@@ -180,6 +180,7 @@ def _data_and_model_checks(get: Callable[[str], Any]) -> list[_Check]:
         checks.append(
             (key, _is_int(get(key)) and get(key) >= 0, "must be an integer >= 0 (0 = all)")
         )
+    checks += _image_checks(get)
     model_kinds = __getattr__("MODEL_KINDS")
     hidden, channels = get("model.hidden"), get("model.channels")
     checks += [
@@ -198,9 +199,9 @@ def _data_and_model_checks(get: Callable[[str], Any]) -> list[_Check]:
         (
             "model.channels",
             isinstance(channels, tuple | list)
-            and 1 <= len(channels) <= 3
+            and 1 <= len(channels) <= 6
             and all(_is_int(c) and c > 0 for c in channels),
-            "must be 1 to 3 positive integers (each level after the first halves the 28x28 "
+            "must be 1 to 6 positive integers (each level after the first halves the "
             "image), e.g. (32, 64, 64)",
         ),
         (
@@ -208,10 +209,62 @@ def _data_and_model_checks(get: Callable[[str], Any]) -> list[_Check]:
             _is_int(get("model.convs_per_level")) and get("model.convs_per_level") >= 1,
             "must be an integer >= 1",
         ),
+        (
+            "model.depth",
+            _is_int(get("model.depth")) and 2 <= get("model.depth") <= 100,
+            "must be an integer from 2 to 100 (DnCNN's 3x3 convolutions)",
+        ),
+        (
+            "model.features",
+            _is_int(get("model.features")) and 1 <= get("model.features") <= 4096,
+            "must be an integer from 1 to 4096",
+        ),
     ]
     for key in ("model.tied_weights", "model.skip"):
         checks.append((key, isinstance(get(key), bool), "must be True or False"))
     return checks
+
+
+def _image_checks(get: Callable[[str], Any]) -> list[_Check]:
+    shape, patch = get("data.image_shape"), get("data.patch_size")
+    patching = _is_int(patch) and patch > 0
+    fraction = get("data.test_fraction")
+    return [
+        ("data.channels", get("data.channels") in (0, 1, 3), "must be 0 (as stored), 1 or 3"),
+        (
+            "data.image_shape",
+            isinstance(shape, tuple | list)
+            and (
+                len(shape) == 0
+                or (len(shape) == 3 and all(_is_int(n) and n >= 0 for n in shape))
+                and shape[2] in (1, 3)
+            ),
+            "must be () (read from the data) or (H, W, C) with C 1 or 3, e.g. (32, 32, 3)",
+        ),
+        (
+            "data.patch_size",
+            _is_int(patch) and 0 <= patch <= 4096,
+            "must be an integer from 0 (whole images) to 4096",
+        ),
+        (
+            "data.patches_per_image",
+            _is_int(get("data.patches_per_image"))
+            and get("data.patches_per_image") >= 1
+            and (patching or get("data.patches_per_image") == 1),
+            "must be an integer >= 1, and 1 unless data.patch_size is set",
+        ),
+        (
+            "data.augment",
+            isinstance(get("data.augment"), bool) and (patching or not get("data.augment")),
+            "must be True or False, and False unless data.patch_size is set (it flips and "
+            "rotates the patches)",
+        ),
+        (
+            "data.test_fraction",
+            _is_number(fraction) and 0 < fraction < 1,
+            "must be a number between 0 and 1 (the share of a folder's images to test on)",
+        ),
+    ]
 
 
 def _training_checks(get: Callable[[str], Any]) -> list[_Check]:
@@ -236,6 +289,11 @@ def _training_checks(get: Callable[[str], Any]) -> list[_Check]:
         )
     checks += [
         ("loss", get("loss") in loss_names, f"must be one of {', '.join(loss_names)}"),
+        (
+            "loss",
+            get("model.kind") != "dncnn" or get("loss") == "mse",
+            "dncnn predicts pixels, not logits: it trains on loss=mse",
+        ),
         (
             "optim.learning_rate",
             _is_number(lr) and math.isfinite(lr) and lr > 0,

@@ -22,20 +22,35 @@ def get_config() -> ml_collections.ConfigDict:
     config.compile_cache = "~/.cache/dae_jax/jax_compile_cache"
 
     config.data = ml_collections.ConfigDict()
-    config.data.name = "fashion_mnist"  # mnist | fashion_mnist | kmnist | synthetic
-    config.data.local_dir = ""  # a directory of the four IDX files (.gz or raw)
+    # mnist | fashion_mnist | kmnist | cifar10 | svhn_cropped | stl10 | celeb_a (tfds names),
+    # folder (the images in data.local_dir), skimage (scikit-image's photos), synthetic
+    config.data.name = "fashion_mnist"
+    # mnist family: a directory of the four IDX files (.gz or raw); folder: the image directory
+    config.data.local_dir = ""
     config.data.tfds_dir = ""  # tensorflow-datasets data_dir; "" = tfds's default
     config.data.train_size = 0  # use the first N training images; 0 = all
     config.data.test_size = 0  # use the first N test images; 0 = all
+    config.data.channels = 0  # 1 = grayscale, 3 = RGB (converted if need be); 0 = as stored
+    # (H, W, C) of the images, filled in from the data ((0, 0, C) when their sizes differ);
+    # a value given here is checked against the data
+    config.data.image_shape = ()
+    # Train on random square patches of this side, cropped on the device each step; 0 = whole
+    config.data.patch_size = 0
+    config.data.patches_per_image = 1  # patches: an epoch crops this many from each image
+    config.data.augment = False  # patches: random flips and 90-degree rotations
+    config.data.test_fraction = 0.1  # folder without a test/ subfolder: the test share
 
     config.model = ml_collections.ConfigDict()
-    config.model.kind = "mlp"  # mlp | conv
+    config.model.kind = "mlp"  # mlp | conv | dncnn
     config.model.hidden = (512, 256, 128)  # mlp: encoder widths; the decoder mirrors them
     config.model.tied_weights = False  # mlp: decoder kernels are the encoder's, transposed
-    # conv: channels per level; each level after the first halves the image (28 -> 14 -> 7)
+    # conv: channels per level; each level after the first halves the image (28 -> 14 -> 7);
+    # an image the strides do not divide is padded and cropped back
     config.model.channels = (32, 64, 64)
     config.model.skip = False  # conv: add each encoder map to the decoder map of its size
     config.model.convs_per_level = 1  # conv: 3x3 convolutions per level and direction
+    config.model.depth = 17  # dncnn: 3x3 convolutions (Zhang et al. 2017: 17)
+    config.model.features = 64  # dncnn: feature maps of each hidden convolution
 
     config.noise = ml_collections.ConfigDict()
     config.noise.kind = "gaussian"  # gaussian | masking | salt_and_pepper
