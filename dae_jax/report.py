@@ -172,12 +172,14 @@ def cli(
     quick: Callable[[ml_collections.ConfigDict], None],
     owns: Mapping[str, str] | None = None,
     doc: str | None = None,
+    default_config: str | None = None,
 ) -> None:
     """An absl main: parses the shared flags, validates the config, then calls
     ``run(config=..., seeds=..., workdir=..., quick=..., command=...)``; a user mistake
     ends in one line on stderr. ``quick(config)`` shrinks the config for ``--quick``;
     ``owns`` maps the config keys the script sets itself to what the user gives instead
-    (they are refused as ``--config.KEY``); ``doc`` (the script's docstring) opens ``--help``."""
+    (they are refused as ``--config.KEY``); ``doc`` (the script's docstring) opens ``--help``;
+    ``default_config`` is the ``--config`` file when none is given (default.py)."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -192,7 +194,9 @@ def cli(
 
         argv = sys.argv = resolve_argv(sys.argv)  # --config=seed: the installed config
         try:  # the config file is loaded, and its overrides applied, as it is defined
-            config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), lock_config=False)
+            config_flags.DEFINE_config_file(
+                "config", default_config or str(DEFAULT_CONFIG), lock_config=False
+            )
         except Exception as e:
             raise UserError(_config_problem(argv, e)) from None
         if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv[1:]):
