@@ -4,6 +4,8 @@
                                     [--models=1,8] [--steps=50] [--repeats=7] [--workdir=W]
                                     [--conv=plain,skip] [--channels=32,64,64]
                                     [--conv_batch_size=128] [--conv_steps=10]
+                                    [--patch=natural] [--patch_size=40] [--patch_channels=1]
+                                    [--patch_batch_size=64] [--patch_steps=5]
                                     [--torch_python=runs/torch-venv/bin/python]
 
 For each batch size and number K of vmapped models it compiles the same chunk program
@@ -17,8 +19,11 @@ model, ``--conv_batch_size``, chunks of ``--conv_steps`` with the config's autom
 scan unroll unless ``--unroll`` is given). With ``--torch_python`` (a Python with
 torch, see experiments/baselines/setup_torch.sh) each conv row also times the same
 architecture's PyTorch eager step (experiments/baselines/torch_conv.py) right after,
-and reports the ratio. Writes a markdown table to stdout and ``results.json`` (with
-device, versions, CPU) to ``--workdir``. Runs unchanged on CPU, GPU and TPU.
+and reports the ratio. ``--patch=natural`` adds the natural-image workload: the
+``natural`` config's DnCNN on random ``--patch_size`` patches with ``--patch_channels``
+channels, cropped on the device from 128x128 images as training does. Writes a markdown
+table to stdout and ``results.json`` (with device, versions, CPU) to ``--workdir``.
+Runs unchanged on CPU, GPU and TPU.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import numpy as np
 from absl import app, flags
 
 from dae_jax import train
-from dae_jax.configs import default, seed
+from dae_jax.configs import default, natural, seed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("widths", ["512", "256", "128"], "Encoder widths (the decoder mirrors them).")
@@ -56,6 +61,11 @@ flags.DEFINE_list("conv", ["plain", "skip"], "Conv DAE rows: plain and/or skip; 
 flags.DEFINE_list("channels", ["32", "64", "64"], "Conv DAE channels per level.")
 flags.DEFINE_integer("conv_batch_size", 128, "Batch size of the conv rows.")
 flags.DEFINE_integer("conv_steps", 10, "Train steps per timed call of the conv rows.")
+flags.DEFINE_list("patch", ["natural"], "Patch-training rows (natural); empty for none.")
+flags.DEFINE_integer("patch_size", 40, "Side of the patch rows' patches.")
+flags.DEFINE_integer("patch_channels", 1, "Channels of the patch rows' images (1 or 3).")
+flags.DEFINE_integer("patch_batch_size", 64, "Batch size of the patch rows.")
+flags.DEFINE_integer("patch_steps", 5, "Train steps per timed call of the patch rows.")
 flags.DEFINE_string(
     "torch_python", "", "A Python with torch: adds a PyTorch eager reference to each conv row."
 )
@@ -112,7 +122,21 @@ def conv_config(channels: Sequence[int], skip: bool) -> Any:
     return config
 
 
+def patch_config(size: int, channels: int) -> Any:
+    """The ``natural`` config's DnCNN on ``size x size x channels`` patches."""
+    config = natural.get_config()
+    config.data.patch_size = size
+    config.data.image_shape = (0, 0, channels)
+    return config
+
+
 def model_name(config: Any) -> str:
+    if config.model.kind == "dncnn":
+        patch = config.data.patch_size
+        return (
+            f"dncnn {config.model.depth}x{config.model.features}, "
+            f"{patch}x{patch}x{config.data.image_shape[-1]} patches"
+        )
     if config.model.kind == "conv":
         name = "conv " + "-".join(str(c) for c in config.model.channels)
         return name + (" + skips" if config.model.skip else "")
@@ -135,9 +159,14 @@ def bench_setting(
     setup = train.Setup.from_config(config, graphdef)
     keys = jax.random.split(jax.random.key(0), num_models)
     states = jax.vmap(lambda key: train.init_state(config, key)[1])(keys)
-    images = jax.device_put(
-        np.random.default_rng(0).integers(0, 256, (num_images, 28, 28, 1), dtype=np.uint8)
-    )
+    shape = tuple(config.data.image_shape) or (28, 28, 1)
+    images: Any
+    if setup.patch_size:  # patches cropped from 128x128 images, as training does
+        shape = (128, 128, shape[-1])
+    pixels = np.random.default_rng(0).integers(0, 256, (num_images, *shape), dtype=np.uint8)
+    images = jax.device_put(pixels)
+    if setup.patch_size:
+        images = (images, jnp.full((num_images, 2), 128, jnp.int32))
     steps_per_epoch = num_images // batch_size
     steps = min(steps, steps_per_epoch)  # one call stays inside one epoch's order
     orders = jax.vmap(
@@ -290,6 +319,20 @@ def main(argv: Sequence[str]) -> None:
                 FLAGS.repeats,
             )
         record(row)
+    for kind in FLAGS.patch:
+        if kind != "natural":
+            raise app.UsageError(f"--patch takes natural, not {kind!r}")
+        record(
+            bench_setting(
+                patch_config(FLAGS.patch_size, FLAGS.patch_channels),
+                FLAGS.patch_batch_size,
+                1,
+                FLAGS.patch_steps,
+                FLAGS.repeats,
+                min(FLAGS.num_images, 64),
+                FLAGS.unroll,
+            )
+        )
     table = markdown(rows, peak["flops_per_second"])
     print()
     print(
@@ -310,6 +353,11 @@ def main(argv: Sequence[str]) -> None:
             "channels": channels,
             "conv_batch_size": FLAGS.conv_batch_size,
             "conv_steps": FLAGS.conv_steps,
+            "patch": FLAGS.patch,
+            "patch_size": FLAGS.patch_size,
+            "patch_channels": FLAGS.patch_channels,
+            "patch_batch_size": FLAGS.patch_batch_size,
+            "patch_steps": FLAGS.patch_steps,
             "torch_python": FLAGS.torch_python,
             "repeats": FLAGS.repeats,
             "unroll": FLAGS.unroll,

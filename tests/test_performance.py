@@ -56,6 +56,10 @@ def test_benchmark_harness_writes_its_table_for_mlp_and_conv_rows(tmp_path):
         "--channels=4,8",
         "--conv_batch_size=8",
         "--conv_steps=2",
+        "--patch=natural",
+        "--patch_size=8",
+        "--patch_batch_size=4",
+        "--patch_steps=2",
     )
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "results.json").read_text())
@@ -63,7 +67,12 @@ def test_benchmark_harness_writes_its_table_for_mlp_and_conv_rows(tmp_path):
     assert {"jax", "jaxlib"} <= set(results["device"]["versions"])
     assert results["matmul_peak"]["flops_per_second"] > 0
     rows = results["rows"]
-    mlp, conv = rows[:2], rows[2:]
+    mlp, conv, patch = rows[:2], rows[2:4], rows[4:]
+    assert [r["model"] for r in patch] == ["dncnn 8x32, 8x8x1 patches"]
+    # DnCNN's 3x3 convolutions: 8 layers, 1 -> 32 -> ... -> 32 -> 1 maps, forward and
+    # backward (2 passes at least), on 4 patches of 64 pixels.
+    dncnn_macs = 9 * (32 + 6 * 32 * 32 + 32) * 4 * 64
+    assert patch[0]["flops_per_step"] >= 2 * 2 * dncnn_macs
     assert [(r["batch_size"], r["models"]) for r in mlp] == [(16, 1), (16, 2)]
     for row in rows:
         assert row["seconds_per_step_min"] <= row["seconds_per_step_median"]
