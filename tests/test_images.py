@@ -353,3 +353,108 @@ def test_denoise_keeps_a_large_colour_photos_size_and_colour(cifar_run, tmp_path
         assert out.size == (50, 30) and out.mode == "RGB"
     assert any("grayscale -> RGB" in w for w in warnings)
     assert not any("dark-on-light" in w for w in warnings)  # no MNIST advice for photos
+
+
+# ------------------------------------------------------- the natural config and experiment
+
+
+def test_the_natural_config_is_dncnn_on_skimage_patches_at_sigma_25():
+    from dae_jax.configs import names, natural
+
+    assert "natural" in names()
+    config = validate(natural.get_config())
+    assert (config.model.kind, config.data.name, config.data.patch_size) == ("dncnn", "skimage", 40)
+    assert config.noise.level == pytest.approx(25 / 255) and not config.noise.clip
+
+
+def test_the_natural_images_table_tunes_bm3d_and_averages_seeds():
+    from dae_jax.experiments import natural_images
+
+    def row(method, seed, photo, psnr):
+        return {
+            "level": 25,
+            "photo": photo,
+            "method": method,
+            "seed": seed,
+            "psnr": psnr,
+            "ssim": 0.5,
+        }
+
+    rows = []
+    for photo, shift in (("a", 0.0), ("b", 2.0)):
+        rows += [
+            row("noisy", "", photo, 20 + shift),
+            row("median", "", photo, 25 + shift),
+            row("bm3d x0.9", "", photo, 28 + shift),
+            row("bm3d x1", "", photo, 29 + shift),
+            row("bm3d x1.1", "", photo, 28.5 + shift),
+            row("dncnn", 0, photo, 28 + shift),
+            row("dncnn", 1, photo, 29 + shift),
+        ]
+    (line,) = natural_images.table(rows)
+    assert line["bm3d"]["factor"] == 1.0 and line["bm3d"]["psnr"] == pytest.approx(30.0)
+    assert line["dncnn"]["psnr"] == pytest.approx(29.5)
+    assert line["dncnn"]["psnr_std"] == pytest.approx(0.5)
+    assert line["gap"] == pytest.approx(-0.5) and line["seeds"] == 2
+    text = natural_images.markdown([line], "# header")
+    assert "| 25 | 21.00 / 0.500 | 26.00 / 0.500 | 30.00 / 0.500 (x1) |" in text
+    assert "-0.50 dB" in text
+
+
+@pytest.mark.slow
+def test_natural_images_quick_runs_scores_whole_photos_and_resumes(tmp_path):
+    from tests.conftest import COMPILE_CACHE, run_python
+
+    args = (
+        "experiments/natural_images.py",
+        f"--workdir={tmp_path}",
+        "--quick",
+        f"--config.compile_cache={COMPILE_CACHE}",
+    )
+    first = run_python(*args, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert "scored camera at sigma 25/255" in first.stdout
+    rows = list(csv_rows(tmp_path / "results.csv"))
+    photos = {(r["photo"], r["height"], r["width"]) for r in rows}
+    assert photos == {("camera", "512", "512"), ("coffee", "400", "600"), ("chelsea", "300", "451")}
+    assert {r["method"] for r in rows} == {"noisy", "median", "bm3d x1", "dncnn"}
+    assert "| 25 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "figures" / "crops.png").stat().st_size > 0
+    table = (tmp_path / "results.md").read_text()
+    again = run_python(*args, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "scored" not in again.stdout  # the scores were kept
+    assert (tmp_path / "results.md").read_text() == table
+
+
+def csv_rows(path: Path):
+    import csv
+
+    with open(path, newline="") as f:
+        yield from csv.DictReader(f)
+
+
+def test_a_conv_population_on_cpu_trains_its_members_one_after_another_as_single_runs(tmp_path):
+    config = tiny_config(
+        **{
+            "model.kind": "dncnn",
+            "model.depth": 3,
+            "model.features": 4,
+            "data.train_size": 128,
+            "train.epochs": 1,
+        }
+    )
+    setup = step.Setup.from_config(config, step.abstract_state(config)[0])
+    assert setup.members_in_sequence  # vmap would make grouped convolutions, slow on CPU
+    # One seed: synthetic data is drawn from the config's seed, so another would change it.
+    many = train.fit_many(config, seeds=[0, 0], levels=[0.5, 0.2], log=lambda _: None)
+    for k, (seed, level) in enumerate([(0, 0.5), (0, 0.2)]):
+        config.seed, config.noise.level = seed, level
+        single = train.fit(config, tmp_path / str(k), log=lambda _: None)
+        assert many.final(k)["train_loss"] == single.history[-1]["train_loss"]
+        for a, b in zip(
+            jax.tree.leaves(nnx.state(many.model(k))),
+            jax.tree.leaves(nnx.state(single.model)),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(a, b)
