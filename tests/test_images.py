@@ -458,3 +458,30 @@ def test_a_conv_population_on_cpu_trains_its_members_one_after_another_as_single
             strict=True,
         ):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_on_colour_images_with_bm3d_in_colour(tmp_path):
+    from dae_jax import sweep
+
+    config = tiny_config(
+        **{
+            "data.name": "cifar10",
+            "data.train_size": 64,
+            "data.test_size": 16,
+            "model.kind": "conv",
+            "model.channels": (4, 8),
+            "train.epochs": 1,
+        }
+    )
+    with tfds.testing.mock_data(num_examples=64):
+        rows = sweep.run(
+            "noise_sweep", config, [sweep.Arm("gaussian", "mse", (0.2,))], [0], tmp_path,
+            log=lambda _: None,
+        )  # fmt: skip
+    bm3d = [r for r in rows if r["model"] == "bm3d" and r["metric"] == "psnr"]
+    assert bm3d and all(np.isfinite(r["value"]) for r in bm3d)
+    assert any(r["model"] == "gaussian/mse" for r in rows)
+    with Image.open(tmp_path / "figures" / "reconstructions.png") as figure:
+        pixels = np.asarray(figure.convert("RGB"), np.int16)
+    assert (np.abs(pixels[..., 0] - pixels[..., 2]) > 30).any()  # colour, not gray
