@@ -5,6 +5,9 @@
 import JAX; ``restore`` does, on first use.
 """
 
+import os
+import signal
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
@@ -18,3 +21,40 @@ def __getattr__(name: str) -> Any:
 
         return getattr(checkpointing, name)
     raise AttributeError(f"module 'dae_jax' has no attribute {name!r}")
+
+
+def interrupted_while_starting(signum: int, frame: Any) -> None:
+    """SIGINT while a dae_jax program loads its libraries: one line and exit 130 at once.
+    Nothing is written yet, and a KeyboardInterrupt raised inside a C extension's import
+    can crash the interpreter. ``dae_jax.guard`` names the stage once it runs."""
+    guard = sys.modules.get("dae_jax.guard")
+    active = getattr(guard, "_active", None)
+    line = (
+        active.interrupted()
+        if active is not None
+        else "interrupted while starting (loading its libraries); nothing was written"
+    )
+    try:
+        os.write(2, f"error: {line}\n".encode(errors="backslashreplace"))
+    finally:
+        os._exit(130)
+
+
+def _started_as_program() -> bool:
+    """Whether this process is a dae_jax program (``dae-jax``, ``python -m dae_jax...``,
+    an ``experiments/*.py`` script), not another program that imports the library."""
+    original = list(getattr(sys, "orig_argv", []))
+    if "-m" in original[:-1] and original[original.index("-m") + 1].startswith("dae_jax"):
+        return True
+    program = sys.argv[0] if sys.argv else ""
+    if os.path.basename(program) == "dae-jax":
+        return True
+    return program.endswith(".py") and os.path.basename(os.path.dirname(program)) == "experiments"
+
+
+# The first code of a dae_jax program that runs: from here on a Ctrl-C is one line.
+if _started_as_program() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    try:
+        signal.signal(signal.SIGINT, interrupted_while_starting)
+    except ValueError:  # not the main thread
+        pass
