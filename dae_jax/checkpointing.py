@@ -17,6 +17,7 @@ import json
 import logging
 import shutil
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -95,26 +96,45 @@ def science_changes(saved: dict, config: ml_collections.ConfigDict) -> list[str]
     return changes
 
 
+def _orbax_leftover(unraisable: Any) -> bool:
+    """What orbax (0.11-0.12) leaves behind a damaged checkpoint's failed restore, reported
+    when the garbage collector finds it: its sibling read coroutines, and the TensorStore
+    callbacks that find their event loop closed."""
+    if getattr(unraisable.object, "__qualname__", "").startswith("_read_array_index"):
+        return True
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        frames = traceback.extract_tb(unraisable.exc_traceback)
+        return bool(frames) and frames[0].name == "call_soon_threadsafe"
+    return False
+
+
+def _not_orbax_leftover(record: logging.LogRecord) -> bool:
+    """asyncio's "... exception was never retrieved" for a read that failed with the rest."""
+    message = record.getMessage()
+    ours = ("array index", "OCDBT", "TensorStore", "tensorstore")
+    return not ("exception was never retrieved" in message and any(o in message for o in ours))
+
+
 def _ignore_orbax_read_coroutines() -> None:
     """After a damaged checkpoint fails to restore, orbax leaves sibling read coroutines
-    to the garbage collector, which prints each one's traceback (possibly much later).
-    The failure is already reported in one line, so those, and only those, are dropped."""
+    and callbacks to the garbage collector, which prints each one's traceback (possibly
+    much later; measured with orbax 0.12.8: a few per restore). The failure is already
+    reported in one line, so those, and only those, are dropped. (Under the command
+    line's crash guard everything else that is printed this way goes to W/logs/.)"""
     previous = sys.unraisablehook
     if getattr(previous, "_dae_jax", False):
         return
 
     def hook(unraisable: Any) -> None:
-        name = getattr(unraisable.object, "__qualname__", "")
-        if name.startswith("_read_array_index"):
-            return
-        previous(unraisable)
+        if not _orbax_leftover(unraisable):
+            previous(unraisable)
 
     hook._dae_jax = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
-    # The read tasks that failed with it are reported by asyncio when collected.
-    logging.getLogger("asyncio").addFilter(
-        lambda record: not record.getMessage().startswith("Task exception was never retrieved")
-    )
+    asyncio_logger = logging.getLogger("asyncio")
+    if _not_orbax_leftover not in asyncio_logger.filters:
+        asyncio_logger.addFilter(_not_orbax_leftover)
 
 
 def _on_this_host(abstract: Any) -> Any:
