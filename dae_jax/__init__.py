@@ -52,9 +52,14 @@ def _started_as_program() -> bool:
     return program.endswith(".py") and os.path.basename(os.path.dirname(program)) == "experiments"
 
 
-# The first code of a dae_jax program that runs: from here on a Ctrl-C is one line.
-if _started_as_program() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    try:
-        signal.signal(signal.SIGINT, interrupted_while_starting)
-    except ValueError:  # not the main thread
-        pass
+# The first code of a dae_jax program that runs: from here on a Ctrl-C is one line, and
+# so is an exception nobody catches (an experiment's imports run before its guard does).
+if _started_as_program():
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        try:
+            signal.signal(signal.SIGINT, interrupted_while_starting)
+        except ValueError:  # not the main thread
+            pass
+    from dae_jax import guard as _guard
+
+    _guard.install_excepthook()

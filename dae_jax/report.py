@@ -265,6 +265,21 @@ def _cli(
     return 0
 
 
+def quick_or_given(
+    name: str, quick_value: Any, quick: bool, say: Callable[[str], None] = print
+) -> Any:
+    """A script flag's value: ``--quick``'s smaller one unless the flag was given (then
+    the given value wins); says what it set."""
+    from absl import flags
+
+    holder = flags.FLAGS[name]
+    if quick and not holder.present:
+        shown = ",".join(map(str, quick_value)) if isinstance(quick_value, list) else quick_value
+        say(f"--quick set --{name}={shown}")
+        return quick_value
+    return holder.value
+
+
 def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in config.items():
