@@ -105,7 +105,7 @@ def _orbax_leftover(unraisable: Any) -> bool:
     error = unraisable.exc_value
     if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
         frames = traceback.extract_tb(unraisable.exc_traceback)
-        return bool(frames) and frames[0].name == "call_soon_threadsafe"
+        return any(frame.name == "call_soon_threadsafe" for frame in frames)
     return False
 
 
