@@ -24,20 +24,21 @@ def __getattr__(name: str) -> Any:
 
 
 def interrupted_while_starting(signum: int, frame: Any) -> None:
-    """SIGINT while a dae_jax program loads its libraries: one line and exit 130 at once.
-    Nothing is written yet, and a KeyboardInterrupt raised inside a C extension's import
-    can crash the interpreter. ``dae_jax.guard`` names the stage once it runs."""
+    """SIGINT (or SIGTERM) while a dae_jax program loads its libraries: one line and exit
+    128 + signum at once. Nothing is written yet, and a KeyboardInterrupt raised inside a
+    C extension's import can crash the interpreter. ``dae_jax.guard`` names the stage once
+    it runs."""
     guard = sys.modules.get("dae_jax.guard")
     active = getattr(guard, "_active", None)
-    line = (
-        active.interrupted()
-        if active is not None
-        else "interrupted while starting (loading its libraries); nothing was written"
-    )
+    if active is not None:
+        active.signum = signum
+        line = active.interrupted()
+    else:
+        line = "interrupted while starting (loading its libraries); nothing was written"
     try:
         os.write(2, f"error: {line}\n".encode(errors="backslashreplace"))
     finally:
-        os._exit(130)
+        os._exit(128 + signum)
 
 
 def _started_as_program() -> bool:
@@ -55,11 +56,13 @@ def _started_as_program() -> bool:
 # The first code of a dae_jax program that runs: from here on a Ctrl-C is one line, and
 # so is an exception nobody catches (an experiment's imports run before its guard does).
 if _started_as_program():
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        try:
-            signal.signal(signal.SIGINT, interrupted_while_starting)
-        except ValueError:  # not the main thread
-            pass
+    for _signum, _default in ((signal.SIGINT, signal.default_int_handler),
+                              (signal.SIGTERM, signal.SIG_DFL)):  # fmt: skip
+        if signal.getsignal(_signum) is _default:
+            try:
+                signal.signal(_signum, interrupted_while_starting)
+            except ValueError:  # not the main thread
+                pass
     from dae_jax import guard as _guard
 
     _guard.install_excepthook()

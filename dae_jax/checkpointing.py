@@ -12,6 +12,7 @@ checkpoint was trained with even when ``config.json`` is missing or damaged.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import json
 import logging
@@ -52,6 +53,15 @@ SCIENCE_KEYS = (
 )
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
+# How a full disk (or quota, or file size limit) shows in orbax's and TensorStore's errors.
+_SPACE_MARKS = (
+    "No space",
+    "ENOSPC",
+    "File too large",
+    "MiB free",
+    "quota",
+    "OUT_OF_RANGE: Error writing",
+)
 
 
 def plain(config: ml_collections.ConfigDict | dict) -> dict:
@@ -218,9 +228,18 @@ class Checkpoints:
     def _save_failed(self, step: int, e: Exception) -> UserError:
         steps = [s for s in self.steps() if s != step]
         kept = f"the last good one is {self.path(steps[-1])}" if steps else "none was saved before"
+        text = str(e)
+        space = getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(
+            mark in text for mark in _SPACE_MARKS
+        )
+        advice = (
+            "free disk space (or move the workdir)"
+            if space
+            else f"check that {self.directory} is a directory you can write to"
+        )
         return UserError(
             f"cannot save checkpoint {step} in {self.directory} ({_first_line(e)}): {kept}; "
-            "free disk space (or move the workdir) and run the same command again to resume",
+            f"{advice} and run the same command again to resume",
             exit_code=1,
         )
 

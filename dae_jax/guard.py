@@ -40,6 +40,7 @@ from typing import Any
 import dae_jax
 from dae_jax.errors import Interrupted, UserError
 
+_STOP_SIGNALS = ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))
 _BUFFERED_RECORDS = 5000  # log lines kept in memory until the workdir's log file exists
 _active: Guard | None = None
 
@@ -73,6 +74,7 @@ class Guard:
         self.wrote = False  # whether this command has made its workdir ready to write
         self.removed = False  # whether a failed start removed the workdir it had made
         self.writes_workdir = False  # train, the experiments: their workdir is their output
+        self.signum: int = signal.SIGINT  # what stopped it, for a KeyboardInterrupt
         self.verbose = False
         self.log_path: Path | None = None
         self._log_dir: Path | None = None
@@ -85,12 +87,13 @@ class Guard:
 
     def _enter(self) -> None:
         if threading.current_thread() is threading.main_thread():
-            # Until the work begins (begin_work), a Ctrl-C ends the process at once with
-            # one line: loading libraries and reading the config write nothing.
-            previous = signal.getsignal(signal.SIGINT)
-            if previous in (signal.default_int_handler, dae_jax.interrupted_while_starting):
-                signal.signal(signal.SIGINT, dae_jax.interrupted_while_starting)
-                self._restore.append(lambda: _set_sigint(previous))
+            # Until the work begins (begin_work), a Ctrl-C or SIGTERM ends the process at
+            # once with one line: loading libraries and reading the config write nothing.
+            for signum, default in _STOP_SIGNALS:
+                previous = signal.getsignal(signum)
+                if previous in (default, dae_jax.interrupted_while_starting):
+                    signal.signal(signum, dae_jax.interrupted_while_starting)
+                    self._restore.append(_restorer(signum, previous))
         for stream in (sys.stdout, sys.stderr):
             _escape_unencodable(stream, self._restore)
         root = logging.getLogger()
@@ -122,11 +125,18 @@ class Guard:
     def begin_work(self) -> None:
         """From here on a Ctrl-C raises ``KeyboardInterrupt`` (training's own handler
         saves a checkpoint first): the command's work may need to clean up."""
-        if (
-            threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) is dae_jax.interrupted_while_starting
-        ):
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGINT) is dae_jax.interrupted_while_starting:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signal.getsignal(signal.SIGTERM) is dae_jax.interrupted_while_starting:
+            signal.signal(signal.SIGTERM, self._terminated)
+
+    def _terminated(self, signum: int, frame: Any) -> None:
+        """SIGTERM outside training (whose own handler saves a checkpoint first): stop
+        as a Ctrl-C does, cleaning up, and exit 143."""
+        self.signum = signum
+        raise KeyboardInterrupt
 
     def _exit(self, program: bool) -> None:
         """Restores what :meth:`_enter` changed; a program keeps it all to its end (what
@@ -250,7 +260,8 @@ class Guard:
 
     def interrupted(self) -> str:
         """The line for a Ctrl-C: what the command was doing, and what is left of it."""
-        line = f"{self.command} interrupted while {self.stage}"
+        how = "interrupted" if self.signum == signal.SIGINT else "stopped by SIGTERM"
+        line = f"{self.command} {how} while {self.stage}"
         if self.wrote:
             last = " from the last checkpoint" if self.command.endswith(" train") else ""
             return f"{line}; run the same command again to resume{last}"
@@ -261,8 +272,11 @@ class Guard:
         return line
 
 
-def _set_sigint(handler: Any) -> None:
-    signal.signal(signal.SIGINT, handler)
+def _restorer(signum: int, handler: Any) -> Callable[[], None]:
+    def restore() -> None:
+        signal.signal(signum, handler)
+
+    return restore
 
 
 def _versions() -> str:
@@ -446,7 +460,7 @@ def run(command: str, body: Callable[[Guard], int | None], *, program: bool = Fa
             with _sigint_ignored():
                 _roll_back(guard)
                 _say(f"error: {guard.interrupted()}")
-            return 130
+            return 128 + guard.signum
         except SystemExit:
             raise
         except BaseException as e:  # the crash guard: one line, the traceback in a file
@@ -469,10 +483,11 @@ def exit_quietly(code: int) -> None:
     if threading.current_thread() is threading.main_thread():
 
         def at_exit(signum: int, frame: Any) -> None:
-            _say("error: interrupted while exiting")
-            os._exit(130)
+            _say(f"error: {signal.Signals(signum).name} while exiting; its work was done")
+            os._exit(128 + signum)
 
         signal.signal(signal.SIGINT, at_exit)
+        signal.signal(signal.SIGTERM, at_exit)
     with contextlib.suppress(Exception):
         sys.stdout.flush()
     sys.exit(code)

@@ -88,9 +88,16 @@ def _is_run_file(name: str) -> bool:
 def check_workdir(workdir: Path) -> None:
     """Refuses, writing nothing, a file, the filesystem root, a non-empty directory that
     is not a dae_jax workdir, and a workdir another process holds (its lock)."""
+    try:
+        resolved = workdir.resolve()
+    except (RuntimeError, OSError) as e:  # Python 3.11 raises RuntimeError for a loop
+        raise UserError(
+            f"--workdir={workdir} cannot be resolved ({_first_line(e)}): a symbolic link in it "
+            "loops or is broken; give another directory"
+        ) from None
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir={workdir} is a file; give a directory (new or existing)")
-    if workdir.resolve() == Path(workdir.resolve().anchor):
+    if resolved == Path(resolved.anchor):
         raise UserError(f"--workdir={workdir} is the filesystem root; give a directory of its own")
     if workdir.is_dir():
         foreign = sorted(p.name for p in workdir.iterdir() if not _is_run_file(p.name))
@@ -109,7 +116,18 @@ def check_workdir(workdir: Path) -> None:
                 f"--workdir={workdir} holds a config.json that no dae_jax run wrote (no "
                 "checkpoints/, no metrics.jsonl); give a new or empty directory"
             )
+        checkpoints = workdir / "checkpoints"
+        if (checkpoints.exists() or checkpoints.is_symlink()) and not checkpoints.is_dir():
+            raise UserError(
+                f"{checkpoints} is not a directory; move it away (a run keeps its checkpoints "
+                "there) and run the same command again",
+                exit_code=1,
+            )
         WorkdirLock(workdir).probe()
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
 
 
 def refuse_experiment_root(workdir: Path) -> None:

@@ -12,6 +12,7 @@ import errno
 import io
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -139,6 +140,15 @@ def test_ctrl_c_says_where_it_stopped(tmp_path, temp, capsys, fit):
     assert (code, lines) == (
         130,
         ["error: dae-jax train interrupted while starting the run; nothing was written"],
+    )
+
+
+def test_sigterm_outside_training_stops_in_one_line(tmp_path, temp, capsys, fit):
+    fit.action = lambda config, workdir: os.kill(os.getpid(), signal.SIGTERM)
+    code, lines, _ = run_main(capsys, "train", f"--workdir={tmp_path / 'w'}", *TINY_FLAGS)
+    assert (code, lines) == (
+        143,
+        ["error: dae-jax train stopped by SIGTERM while starting the run; nothing was written"],
     )
 
 
@@ -472,6 +482,56 @@ def test_a_failure_before_the_first_checkpoint_removes_the_workdir_it_made(tmp_p
     )
     assert code == 2 and lines[0].startswith("error: train.batch_size=100000 is larger than")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_workdir_through_a_looping_link_is_one_line(tmp_path, capsys):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    workdir = tmp_path / "loop" / "w"
+    code, lines, _ = run_main(capsys, "train", f"--workdir={workdir}", *TINY_FLAGS)
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith(f"error: --workdir={workdir} cannot be resolved (")
+    assert lines[0].endswith("a symbolic link in it loops or is broken; give another directory")
+
+
+def test_checkpoints_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "metrics.jsonl").write_text("")
+    (workdir / "checkpoints").write_text("mine")
+    code, lines, _ = run_main(capsys, "train", f"--workdir={workdir}", *TINY_FLAGS)
+    assert (code, lines) == (
+        1,
+        [
+            f"error: {workdir / 'checkpoints'} is not a directory; move it away (a run keeps "
+            "its checkpoints there) and run the same command again"
+        ],
+    )
+    assert (workdir / "checkpoints").read_text() == "mine"
+
+
+class _Saved:
+    directory = Path("W/checkpoints")
+
+    def steps(self):
+        return [8]
+
+    def path(self, step):
+        return self.directory / str(step)
+
+
+@pytest.mark.parametrize(
+    ("error", "advice"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "free disk space (or move the workdir)"),
+        (OSError(errno.ENOTDIR, "Not a directory"), "check that W/checkpoints is a directory"),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory"), "check that W/checkpoints"),
+    ],
+    ids=["full", "not-a-directory", "removed"],
+)
+def test_a_failed_save_advises_what_fits_its_cause(error, advice):
+    message = str(checkpointing.Checkpoints._save_failed(_Saved(), 16, error))  # type: ignore[arg-type]
+    assert message.startswith("cannot save checkpoint 16 in W/checkpoints (")
+    assert f"the last good one is W/checkpoints/8; {advice}" in message
 
 
 def test_an_existing_workdir_is_never_rolled_back(tmp_path):
