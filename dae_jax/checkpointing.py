@@ -169,7 +169,9 @@ class Checkpoints:
         self.directory = directory.absolute()
         self.read_only = read_only
         self.warn = warn
-        if self.directory.is_dir():
+        # A reader (evaluate, denoise) next to a running train sees its save in progress.
+        saving = read_only and _in_use(self.directory.parent)
+        if self.directory.is_dir() and not saving:
             for leftover in sorted(self.directory.glob(f"*{_TMP_MARK}*")):
                 warn(
                     f"warning: skipping unfinished checkpoint {leftover.name} "
@@ -317,7 +319,45 @@ class Checkpoints:
             self.manager.close()
 
 
+def _in_use(workdir: Path) -> bool:
+    """Whether another process holds ``workdir``'s lock (a train is running there)."""
+    from dae_jax import runfiles
+
+    try:
+        runfiles.WorkdirLock(workdir).probe()
+    except UserError:
+        return True
+    return False
+
+
+def _config_of_checkpoints(workdir: Path) -> ml_collections.ConfigDict | None:
+    """The config the latest readable checkpoint recorded (None: none did)."""
+    directory = workdir / "checkpoints"
+    if not directory.is_dir():
+        return None
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # a read-only manager says so
+    try:
+        manager = Checkpoints(directory, read_only=True, warn=lambda line: None).manager
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            except Exception:  # damaged: the one before may do
+                continue
+            if isinstance(meta["meta"].get("config"), dict):
+                return ml_collections.ConfigDict(meta["meta"]["config"])
+    except Exception:
+        return None
+    finally:
+        absl_logging.set_verbosity(verbosity)
+    return None
+
+
 def load_config(workdir: Path) -> ml_collections.ConfigDict:
+    """The run's config: ``W/config.json``, or, when it is missing, the one its latest
+    checkpoint recorded (as resume, ``restore`` and ``denoise`` use)."""
     path = workdir / "config.json"
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -325,6 +365,9 @@ def load_config(workdir: Path) -> ml_collections.ConfigDict:
             raise ValueError("not a config object")
         return ml_collections.ConfigDict(value)
     except FileNotFoundError:
+        recorded = _config_of_checkpoints(workdir)
+        if recorded is not None:
+            return recorded
         raise UserError(
             f"{workdir} holds no run (no config.json); train one first: "
             f"dae-jax train --workdir={workdir}",

@@ -237,14 +237,20 @@ class Guard:
             text += f"\nlogged before the failure: {self.log_path}\n"
         name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}"
         places = []
-        if self.workdir is not None and self.workdir.is_dir() and os.access(self.workdir, os.W_OK):
-            places.append((self.workdir / "logs", name))
-        places.append((Path(tempfile.gettempdir()), f"dae_jax-{name}"))
-        problem = ""
+        with contextlib.suppress(OSError):
+            if (
+                self.workdir is not None
+                and self.workdir.is_dir()
+                and os.access(self.workdir, os.W_OK)
+            ):
+                places.append((self.workdir / "logs", name))
+        with contextlib.suppress(OSError):  # no usable temporary directory (a full disk)
+            places.append((Path(tempfile.gettempdir()), f"dae_jax-{name}"))
+        problem = "no writable directory for it"
         for directory, stem in places:
+            path = directory / f"{stem}.txt"
             try:
                 directory.mkdir(exist_ok=True)
-                path = directory / f"{stem}.txt"
                 if path.exists():
                     path = directory / f"{stem}-{os.getpid()}.txt"
                 path.write_text(text, errors="backslashreplace")
@@ -254,6 +260,8 @@ class Guard:
                 return f"the full traceback is in {path}"
             except OSError as e:
                 problem = e.strerror or type(e).__name__
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)  # not a half-written report
         if self.verbose:
             print(text, file=sys.stderr)
         return f"its traceback could not be saved ({problem})"
@@ -314,7 +322,7 @@ def _os_problem(error: OSError, stage: str) -> str | None:
     """One line for a failure of the machine (disk full, read-only, a looping path)."""
     where = f" {error.filename}" if error.filename else ""
     strerror = error.strerror or _first_line(error)
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return (
             f"no space left on the device while {stage} ({strerror}{':' if where else ''}{where}); "
             "free disk space (or use another --workdir) and run the same command again"
@@ -352,6 +360,12 @@ def describe(error: BaseException, guard: Guard) -> tuple[str, int]:
             f"out of memory while {stage} ({type(error).__name__}: {_first_line(error, 120)}); "
             "use a smaller model or batch (e.g. --config.model.hidden, "
             f"--config.train.batch_size, --config.eval.batch_size); {report}",
+            1,
+        )
+    if isinstance(error, OSError) and "No usable temporary directory" in str(error):
+        return (
+            f"no temporary directory is writable while {stage} (a full disk?); free disk "
+            f"space or set TMPDIR to a writable directory; {report}",
             1,
         )
     if isinstance(error, OSError):
@@ -466,7 +480,10 @@ def run(command: str, body: Callable[[Guard], int | None], *, program: bool = Fa
         except BaseException as e:  # the crash guard: one line, the traceback in a file
             with _sigint_ignored():
                 _roll_back(guard)
-                line, code = describe(e, guard)
+                try:
+                    line, code = describe(e, guard)
+                except Exception:  # the report itself failed: still one line
+                    line, code = f"{command} failed while {guard.stage} ({_first_line(e)})", 1
                 _say(f"error: {line}")
             return code
     except KeyboardInterrupt:  # a second Ctrl-C while the first was being reported
@@ -513,7 +530,10 @@ def install_excepthook() -> None:
         if isinstance(error, UserError):
             _say(f"error: {error}")
             return
-        line, _ = describe(error, guard)
+        try:
+            line, _ = describe(error, guard)
+        except Exception:
+            line = f"{guard.command} failed while {guard.stage} ({_first_line(error)})"
         _say(f"error: {line}")
 
     hook._dae_jax = True  # type: ignore[attr-defined]

@@ -25,7 +25,9 @@ from jax.sharding import PartitionSpec as P
 
 from dae_jax.errors import UserError
 
-DEFAULT_COORDINATOR_TIMEOUT = 60  # seconds; DAE_JAX_COORDINATOR_TIMEOUT overrides it (issue 21: <= 60)
+DEFAULT_COORDINATOR_TIMEOUT = (
+    60  # seconds; DAE_JAX_COORDINATOR_TIMEOUT overrides it (issue 21: <= 60)
+)
 _WAIT_NOTICE_SECONDS = 10
 
 

@@ -489,6 +489,68 @@ def config_json_damaged_evaluate(ctx: Context) -> Outcome:
     return judge("config_json_damaged_evaluate", cli(ctx, "evaluate", f"--workdir={w}"), rc={0, 1})
 
 
+@case()
+def every_checkpoint_garbled_denoise(ctx: Context) -> Outcome:
+    w = ctx.copy_base("every_checkpoint_garbled_denoise")
+    for step in (p for p in (w / "checkpoints").iterdir() if p.name.isdigit()):
+        for path in step.rglob("*"):
+            if path.is_file():
+                path.write_bytes(b"\0garbage" * 8)
+    image = w.parent / "a.png"
+    _png(image)
+    result = cli(ctx, "denoise", f"--workdir={w}", f"--output={w.parent / 'out'}", str(image))
+    return judge("every_checkpoint_garbled_denoise", result, rc=1, lines=4)
+
+
+@case()
+def checkpoints_removed_during_training(ctx: Context) -> Outcome:
+    w = ctx.dir("checkpoints_removed_during_training") / "w"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dae_jax", "train", f"--workdir={w}", *ctx.tiny(train__epochs=80)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    started = time.perf_counter()
+    deadline = started + 60
+    while time.perf_counter() < deadline and not (w / "checkpoints" / "8").exists():
+        time.sleep(0.2)
+    shutil.rmtree(w / "checkpoints", ignore_errors=True)
+    try:
+        _, err = process.communicate(timeout=ctx.timeout)
+        hung = False
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, err = process.communicate()
+        hung = True
+    result = Result(
+        process.returncode, "", err.decode(errors="replace"), time.perf_counter() - started, hung
+    )
+    return judge("checkpoints_removed_during_training", result, rc={0, 1})
+
+
+@case()
+def evaluate_while_training(ctx: Context) -> Outcome:
+    w = ctx.dir("evaluate_while_training") / "w"
+    train = subprocess.Popen(
+        [sys.executable, "-m", "dae_jax", "train", f"--workdir={w}", *ctx.tiny(train__epochs=80)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.perf_counter() + 60
+    while time.perf_counter() < deadline and not (w / "checkpoints" / "16").exists():
+        time.sleep(0.2)
+    try:
+        result = cli(ctx, "evaluate", f"--workdir={w}")
+    finally:
+        train.send_signal(signal.SIGTERM)
+        train.communicate(timeout=ctx.timeout)
+    return judge("evaluate_while_training", result, rc=0, lines=0, checks=[
+        ("interrupted" not in result.out, "silent wrong", "calls the running save interrupted"),
+    ])  # fmt: skip
+
+
 # ------------------------------------------------------------------------------ paths
 
 
@@ -537,6 +599,13 @@ def disk_full_during_training(ctx: Context) -> Outcome:
     w = ctx.dir("disk_full_during_training") / "w"
     result = cli(ctx, "train", f"--workdir={w}", *ctx.tiny(), limits=_small_files(60_000))
     return judge("disk_full_during_training", result, rc=1)
+
+
+@case()
+def disk_full_before_the_start(ctx: Context) -> Outcome:
+    w = ctx.dir("disk_full_before_the_start") / "w"
+    result = cli(ctx, "train", f"--workdir={w}", *ctx.tiny(), limits=_small_files(0))
+    return judge("disk_full_before_the_start", result, rc=1)
 
 
 @case()

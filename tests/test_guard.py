@@ -405,9 +405,23 @@ def test_quick_fills_only_what_the_command_line_did_not_set():
 # ----------------------------------------------------------------------- resume truths
 
 
-def test_a_resume_never_cuts_a_run_back_and_its_last_line_is_true(tmp_path):
-    workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A tiny run trained for 2 epochs (copy it before changing it)."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
     train.fit(tiny_config(**{"train.epochs": 2}), workdir, log=lambda line: None)
+    return workdir
+
+
+def _copy(trained: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    shutil.copytree(trained, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_a_resume_never_cuts_a_run_back_and_its_last_line_is_true(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
     before = (workdir / "config.json").read_bytes(), (workdir / "summary.json").read_bytes()
     with pytest.raises(UserError) as refused:
         train.fit(tiny_config(**{"train.epochs": 1}), workdir, log=lambda line: None)
@@ -427,6 +441,27 @@ def test_a_resume_never_cuts_a_run_back_and_its_last_line_is_true(tmp_path):
     lines.clear()
     train.fit(tiny_config(**{"train.epochs": 3}), workdir, log=lines.append)
     assert any("is already trained for 3 epochs" in line for line in lines)
+
+
+def test_a_run_without_config_json_takes_its_checkpoints_config(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    written = json.loads((workdir / "config.json").read_text())
+    (workdir / "config.json").unlink()
+    assert checkpointing.plain(checkpointing.load_config(workdir)) == written
+
+
+def test_a_reader_does_not_call_a_running_save_interrupted(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    (workdir / "checkpoints" / "24.orbax-checkpoint-tmp-1").mkdir()
+    said: list[str] = []
+    with runfiles.WorkdirLock(workdir):  # a train is running there
+        checkpointing.Checkpoints(workdir / "checkpoints", read_only=True, warn=said.append)
+    assert said == []
+    checkpointing.Checkpoints(workdir / "checkpoints", read_only=True, warn=said.append)
+    assert said == [
+        "warning: skipping unfinished checkpoint 24.orbax-checkpoint-tmp-1 (its save was "
+        "interrupted)"
+    ]
 
 
 def _experiment_root(tmp_path: Path) -> Path:
