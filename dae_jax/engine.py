@@ -338,6 +338,13 @@ class _Loop:
                     f"members: {len(before)} -> {self.k} models, or other seeds, levels or "
                     "learning rates"
                 )
+        if changes:
+            raise UserError(
+                f"--workdir={self.workdir} holds a run trained with other settings "
+                f"({'; '.join(changes)}); resuming would mix two experiments: use a new "
+                "--workdir, or the run's own values (only train.epochs, the learning rate and "
+                "logging, evaluation and checkpoint settings may change)"
+            )
         done, epochs = int(meta["epoch"]), self.config.train.epochs
         needed = done + (1 if int(meta.get("step_in_epoch", 0)) else 0)  # a partial epoch counts
         if epochs < needed:  # refused before config.json or anything else is rewritten
@@ -346,13 +353,6 @@ class _Loop:
                 + (" and part of the next" if needed > done else "")
                 + f"; --config.train.epochs={epochs} would cut it back: give "
                 f"--config.train.epochs={needed} or more to resume it, or use a new --workdir"
-            )
-        if changes:
-            raise UserError(
-                f"--workdir={self.workdir} holds a run trained with other settings "
-                f"({'; '.join(changes)}); resuming would mix two experiments: use a new "
-                "--workdir, or the run's own values (only train.epochs, the learning rate and "
-                "logging, evaluation and checkpoint settings may change)"
             )
 
     def _abstract_for(self, meta: dict[str, Any]) -> tuple[Any, bool]:

@@ -79,7 +79,7 @@ class Guard:
         self.log_path: Path | None = None
         self._log_dir: Path | None = None
         self._buffer: list[str] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a record logged while logging one must not block
         self._restore: list[Callable[[], None]] = []
         self.started = time.strftime("%Y%m%d-%H%M%S")
 
