@@ -12,7 +12,8 @@ Every entry point (``dae-jax``, ``python -m dae_jax``, the experiment scripts th
 - third-party logging (absl, orbax's background threads, asyncio), Python warnings,
   exceptions of background threads and "exception ignored" reports go to a log file,
   ``W/logs/<command>-<time>.log`` (created only when something is logged), not to the
-  terminal; ``--verbose`` shows them on stderr as well;
+  terminal; ``--verbose`` shows them on stderr as well (without a workdir to log to, a
+  crash report holds them);
 - stdout and stderr escape what their encoding cannot show (``\\u2011``), never crash.
 
 This module imports only the standard library: an entry point installs it before its
@@ -21,7 +22,6 @@ heavy imports (JAX) start.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import errno
 import logging
@@ -142,21 +142,13 @@ class Guard:
         """Restores what :meth:`_enter` changed; a program keeps it all to its end (what
         its libraries' threads and garbage report while Python shuts down is logged too)."""
         if program:
-            atexit.register(self._flush)
             return
         while self._restore:
             with contextlib.suppress(Exception):
                 self._restore.pop()()
-        self._flush()
-
-    def _flush(self) -> None:
-        """What was logged with no workdir to log to goes to a temporary file."""
-        with self._lock:
-            buffer, self._buffer = self._buffer, []
-        if buffer and self.log_path is None:
-            with contextlib.suppress(OSError):
-                path = _temporary(f"dae_jax-{self.started}-{os.getpid()}.log")
-                path.write_text("\n".join(buffer) + "\n", errors="backslashreplace")
+        # What was logged with no workdir to log to is dropped: a crash report holds it,
+        # and --verbose showed it; a file in /tmp nobody is told of would only pile up.
+        self._buffer = []
 
     # ------------------------------------------------------------ the log file
 
@@ -294,10 +286,6 @@ def _versions() -> str:
         if module is not None:
             found.append(f"{name} {getattr(module, '__version__', '?')}")
     return ", ".join(found) or "no JAX loaded"
-
-
-def _temporary(name: str) -> Path:
-    return Path(tempfile.gettempdir()) / name
 
 
 def _escape_unencodable(stream: Any, restore: list[Callable[[], None]]) -> None:
