@@ -17,8 +17,11 @@ import contextlib
 import functools
 import math
 import multiprocessing
+import multiprocessing.context
 import os
+import sys
 import time
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -158,8 +161,30 @@ def bm3d_pool(images: int, workers: int | None = None) -> contextlib.AbstractCon
         workers = min(len(os.sched_getaffinity(0)), images // BM3D_IMAGES_PER_WORKER)
     if workers < 2:
         return contextlib.nullcontext(None)
-    context = multiprocessing.get_context("spawn")
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=_SpawnWithoutMain())
+
+
+class _SpawnWithoutMainProcess(multiprocessing.context.SpawnProcess):
+    """A spawned worker that does not run the caller's ``__main__`` again.
+
+    ``spawn`` re-imports the parent's main module in each worker (as ``__mp_main__``), so
+    a plain script calling ``sweep.run`` without ``if __name__ == "__main__":`` would start
+    its own work again in every worker (and the pool breaks). The workers run only
+    ``bm3d_images.denoise``, an importable function, so they need no ``__main__``: it is
+    hidden from the spawn while the process starts."""
+
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        main = sys.modules["__main__"]
+        sys.modules["__main__"] = types.ModuleType("__main__")  # no __file__, no __spec__
+        try:
+            return multiprocessing.context.SpawnProcess._Popen(process_obj)
+        finally:
+            sys.modules["__main__"] = main
+
+
+class _SpawnWithoutMain(multiprocessing.context.SpawnContext):
+    Process = _SpawnWithoutMainProcess
 
 
 def _scores(out: ArrayLike, clean: jax.Array) -> dict[str, float]:

@@ -12,11 +12,13 @@ checkpoint was trained with even when ``config.json`` is missing or damaged.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import json
 import logging
 import shutil
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,15 @@ SCIENCE_KEYS = (
 )
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
+# How a full disk (or quota, or file size limit) shows in orbax's and TensorStore's errors.
+_SPACE_MARKS = (
+    "No space",
+    "ENOSPC",
+    "File too large",
+    "MiB free",
+    "quota",
+    "OUT_OF_RANGE: Error writing",
+)
 
 
 def plain(config: ml_collections.ConfigDict | dict) -> dict:
@@ -95,26 +106,45 @@ def science_changes(saved: dict, config: ml_collections.ConfigDict) -> list[str]
     return changes
 
 
+def _orbax_leftover(unraisable: Any) -> bool:
+    """What orbax (0.11-0.12) leaves behind a damaged checkpoint's failed restore, reported
+    when the garbage collector finds it: its sibling read coroutines, and the TensorStore
+    callbacks that find their event loop closed."""
+    if getattr(unraisable.object, "__qualname__", "").startswith("_read_array_index"):
+        return True
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        frames = traceback.extract_tb(unraisable.exc_traceback)
+        return any(frame.name == "call_soon_threadsafe" for frame in frames)
+    return False
+
+
+def _not_orbax_leftover(record: logging.LogRecord) -> bool:
+    """asyncio's "... exception was never retrieved" for a read that failed with the rest."""
+    message = record.getMessage()
+    ours = ("array index", "OCDBT", "TensorStore", "tensorstore")
+    return not ("exception was never retrieved" in message and any(o in message for o in ours))
+
+
 def _ignore_orbax_read_coroutines() -> None:
     """After a damaged checkpoint fails to restore, orbax leaves sibling read coroutines
-    to the garbage collector, which prints each one's traceback (possibly much later).
-    The failure is already reported in one line, so those, and only those, are dropped."""
+    and callbacks to the garbage collector, which prints each one's traceback (possibly
+    much later; measured with orbax 0.12.8: a few per restore). The failure is already
+    reported in one line, so those, and only those, are dropped. (Under the command
+    line's crash guard everything else that is printed this way goes to W/logs/.)"""
     previous = sys.unraisablehook
     if getattr(previous, "_dae_jax", False):
         return
 
     def hook(unraisable: Any) -> None:
-        name = getattr(unraisable.object, "__qualname__", "")
-        if name.startswith("_read_array_index"):
-            return
-        previous(unraisable)
+        if not _orbax_leftover(unraisable):
+            previous(unraisable)
 
     hook._dae_jax = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
-    # The read tasks that failed with it are reported by asyncio when collected.
-    logging.getLogger("asyncio").addFilter(
-        lambda record: not record.getMessage().startswith("Task exception was never retrieved")
-    )
+    asyncio_logger = logging.getLogger("asyncio")
+    if _not_orbax_leftover not in asyncio_logger.filters:
+        asyncio_logger.addFilter(_not_orbax_leftover)
 
 
 def _on_this_host(abstract: Any) -> Any:
@@ -139,7 +169,9 @@ class Checkpoints:
         self.directory = directory.absolute()
         self.read_only = read_only
         self.warn = warn
-        if self.directory.is_dir():
+        # A reader (evaluate, denoise) next to a running train sees its save in progress.
+        saving = read_only and _in_use(self.directory.parent)
+        if self.directory.is_dir() and not saving:
             for leftover in sorted(self.directory.glob(f"*{_TMP_MARK}*")):
                 warn(
                     f"warning: skipping unfinished checkpoint {leftover.name} "
@@ -198,9 +230,18 @@ class Checkpoints:
     def _save_failed(self, step: int, e: Exception) -> UserError:
         steps = [s for s in self.steps() if s != step]
         kept = f"the last good one is {self.path(steps[-1])}" if steps else "none was saved before"
+        text = str(e)
+        space = getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(
+            mark in text for mark in _SPACE_MARKS
+        )
+        advice = (
+            "free disk space (or move the workdir)"
+            if space
+            else f"check that {self.directory} is a directory you can write to"
+        )
         return UserError(
             f"cannot save checkpoint {step} in {self.directory} ({_first_line(e)}): {kept}; "
-            "free disk space (or move the workdir) and run the same command again to resume",
+            f"{advice} and run the same command again to resume",
             exit_code=1,
         )
 
@@ -278,7 +319,45 @@ class Checkpoints:
             self.manager.close()
 
 
+def _in_use(workdir: Path) -> bool:
+    """Whether another process holds ``workdir``'s lock (a train is running there)."""
+    from dae_jax import runfiles
+
+    try:
+        runfiles.WorkdirLock(workdir).probe()
+    except UserError:
+        return True
+    return False
+
+
+def _config_of_checkpoints(workdir: Path) -> ml_collections.ConfigDict | None:
+    """The config the latest readable checkpoint recorded (None: none did)."""
+    directory = workdir / "checkpoints"
+    if not directory.is_dir():
+        return None
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # a read-only manager says so
+    try:
+        manager = Checkpoints(directory, read_only=True, warn=lambda line: None).manager
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            except Exception:  # damaged: the one before may do
+                continue
+            if isinstance(meta["meta"].get("config"), dict):
+                return ml_collections.ConfigDict(meta["meta"]["config"])
+    except Exception:
+        return None
+    finally:
+        absl_logging.set_verbosity(verbosity)
+    return None
+
+
 def load_config(workdir: Path) -> ml_collections.ConfigDict:
+    """The run's config: ``W/config.json``, or, when it is missing, the one its latest
+    checkpoint recorded (as resume, ``restore`` and ``denoise`` use)."""
     path = workdir / "config.json"
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -286,6 +365,9 @@ def load_config(workdir: Path) -> ml_collections.ConfigDict:
             raise ValueError("not a config object")
         return ml_collections.ConfigDict(value)
     except FileNotFoundError:
+        recorded = _config_of_checkpoints(workdir)
+        if recorded is not None:
+            return recorded
         raise UserError(
             f"{workdir} holds no run (no config.json); train one first: "
             f"dae-jax train --workdir={workdir}",

@@ -3,7 +3,12 @@
 Flags follow the Flax examples' convention (absl flags + ml_collections config files).
 Each subcommand takes only the flags that change what it does; any other flag is refused.
 A user mistake ends in one line on stderr, ``error: ...``, and exit code 2 (usage)
-or 1 (anything else the user must fix); never a traceback.
+or 1 (anything else the user must fix); never a traceback: anything unexpected ends in
+one line naming a crash log (``dae_jax.guard``). Each flag may be given once: a repeated
+flag (``--config.model.hidden`` twice) is refused rather than combined or overridden.
+
+This module imports only the standard library and dae_jax's light modules at import
+time: the crash guard is in place before absl, ml_collections and JAX load.
 """
 
 from __future__ import annotations
@@ -11,24 +16,28 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-
-from absl import flags
-from ml_collections import config_flags
+from typing import TYPE_CHECKING
 
 import dae_jax
-from dae_jax import configs
-from dae_jax.errors import Interrupted, UserError
+from dae_jax import guard
+from dae_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from absl import flags
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.py"
 
 USAGE = """\
-usage: dae-jax train    --workdir=W [--config=NAME|FILE] [--config.KEY=VALUE ...]
+usage: dae-jax train    --workdir=W [--config=NAME|FILE|W0] [--config.KEY=VALUE ...]
        dae-jax evaluate --workdir=W [--noise.kind=KIND] [--noise.level=LEVEL] [--model=K]
        dae-jax denoise  --workdir=W --output=DIR [--invert] [--model=K] IMAGE...
        dae-jax COMMAND --help    (that command's flags; train's lists every config key)
        dae-jax --version
+       every command takes --verbose (libraries' warnings on stderr, not only in W/logs/);
+       each flag may be given once
 
 commands:
   train     train a denoising autoencoder (or resume the workdir's run); writes
@@ -38,7 +47,7 @@ commands:
   denoise   denoise image files (PNG/JPEG/TIFF..., any size) into DIR
 
 configs by name: --config=default (the default), --config=seed (the tutorial);
-or a Python file with get_config()
+or a Python file with get_config(); or a past run's W0/config.json (or W0) to repeat it
 example: dae-jax train --workdir=runs/seed --config=seed \\
              --config.data.name=fashion_mnist --config.train.epochs=2
 """
@@ -46,10 +55,13 @@ example: dae-jax train --workdir=runs/seed --config=seed \\
 COMMANDS = ("train", "evaluate", "denoise")
 # The flags each command takes (besides train's --config.KEY=VALUE overrides).
 COMMAND_FLAGS = {
-    "train": ("workdir", "config"),
-    "evaluate": ("workdir", "noise.kind", "noise.level", "model"),
-    "denoise": ("workdir", "output", "invert", "model"),
+    "train": ("workdir", "config", "verbose"),
+    "evaluate": ("workdir", "noise.kind", "noise.level", "model", "verbose"),
+    "denoise": ("workdir", "output", "invert", "model", "verbose"),
 }
+BOOL_FLAGS = ("invert", "verbose", "quick")
+# Flags that take a value; given as ``--flag VALUE``, a VALUE that is a flag is refused.
+VALUE_FLAGS = ("workdir", "output", "config", "noise.kind", "noise.level", "model", "seeds")
 HELP_FLAGS = ("h", "help", "helpshort", "helpfull", "?")
 
 
@@ -72,6 +84,8 @@ def _config_keys() -> list[tuple[str, str]]:
 
 def command_help(command: str) -> str:
     """What ``dae-jax COMMAND --help`` prints."""
+    from dae_jax import configs
+
     if command == "train":
         rows = "\n".join(f"  --config.{key}={value}" for key, value in _config_keys())
         return f"""\
@@ -83,8 +97,10 @@ to resume. Stop with Ctrl-C: a checkpoint is saved first.
 flags:
   --workdir=W          the directory the run writes to (required)
   --config=NAME|FILE   a config by name: {", ".join(configs.names())} (default: default);
-                       or a Python file with get_config()
-  --config.KEY=VALUE   override one config key
+                       or a Python file with get_config(); or a past run's config.json
+                       (or its workdir): repeat it, or vary it with --config.KEY=VALUE
+  --config.KEY=VALUE   override one config key (each key once)
+  --verbose            libraries' warnings (absl, orbax) on stderr too, not only in W/logs/
 
 config keys, with the default config's values (meanings: dae_jax/configs/default.py):
 {rows}
@@ -103,6 +119,7 @@ flags:
                        (default: the run's)
   --model=K            a sweep's population (W/models/<kind>-<loss>/): its model K
                        (see W/population.json; default 0)
+  --verbose            libraries' warnings on stderr too, not only in W/logs/
 """
     return """\
 usage: dae-jax denoise --workdir=W --output=DIR [--invert] [--model=K] IMAGE...
@@ -118,22 +135,23 @@ flags:
   --invert      invert the images first: the model knows light objects on a dark
                 background (Fashion-MNIST); use it for dark-on-light images
   --model=K     a sweep's population (W/models/<kind>-<loss>/): its model K (default 0)
+  --verbose     libraries' warnings on stderr too, not only in W/logs/
 """
 
 
-def _define_flags(command: str, argv: Sequence[str]) -> flags.FlagValues:
-    """A fresh set of ``command``'s flags; config_flags reads ``argv`` for ``--config.*``."""
+def _define_flags(command: str, argv: list[str]) -> flags.FlagValues:
+    """A fresh set of ``command``'s flags; config_flags reads ``argv`` for ``--config.*``.
+    A past run's config (``--config=W/config.json``) is taken out of ``argv``: the
+    config is defined from it."""
+    from absl import flags
+
+    from dae_jax import configs
+
     values = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "Directory of the run.", flag_values=values)
+    flags.DEFINE_bool("verbose", False, "Libraries' warnings on stderr.", flag_values=values)
     if command == "train":
-        config_flags.DEFINE_config_file(
-            "config",
-            default=str(DEFAULT_CONFIG),
-            help_string="A config file with get_config(); override keys with --config.KEY=VALUE.",
-            flag_values=values,
-            lock_config=True,
-            sys_argv=list(argv),
-        )
+        configs.define_config_flag(argv, str(DEFAULT_CONFIG), values, lock_config=True)
     elif command == "evaluate":
         flags.DEFINE_string(
             "noise.kind", None, "Corruption kind (default: the run's).", flag_values=values
@@ -151,15 +169,78 @@ def _define_flags(command: str, argv: Sequence[str]) -> flags.FlagValues:
     return values
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _flag_names(args: Sequence[str]) -> list[str]:
     """The names of the flags in ``args`` (``--x=1``, ``-x 1``, ``--nox``), up to ``--``."""
     found = []
     for arg in args[1:]:
         if arg == "--":
             break
-        if arg.startswith("-") and len(arg) > 1 and not re.fullmatch(r"-[\d.]+", arg):
+        if arg.startswith("-") and len(arg) > 1 and not _is_number(arg):
             found.append(arg.lstrip("-").split("=", 1)[0])
     return found
+
+
+def repeated_flag(args: Sequence[str], bools: Sequence[str] = BOOL_FLAGS) -> str | None:
+    """Why ``args`` may not run when a flag is given more than once (``--nox`` counts as
+    ``--x``): absl would combine a list's values (``--config.model.hidden`` twice trains
+    both) or keep the last; neither is what the user meant for sure. None when none is."""
+    names = [name[2:] if name[2:] in bools else name for name in _flag_names(args)]
+    for name, count in Counter(names).items():
+        if count > 1:
+            given = [
+                a.lstrip("-")
+                for a in args[1:]
+                if a.lstrip("-").split("=", 1)[0] in (name, f"no{name}")
+            ]
+            shown = ", ".join(f"--{g}" for g in given)
+            return (
+                f"--{name} is given {count} times ({shown}); give each flag once "
+                "(a repeated flag is refused, not combined or overridden)"
+            )
+    return None
+
+
+def swallowed_value(args: Sequence[str]) -> str | None:
+    """``--workdir --config=seed``: absl would take the next flag as the value. Refused,
+    as is a value-taking flag at the very end (``--workdir``)."""
+    for i, arg in enumerate(args[1:], start=1):
+        if arg == "--":
+            break
+        if not arg.startswith("-") or "=" in arg or _is_number(arg):
+            continue
+        name = arg.lstrip("-")
+        if name not in VALUE_FLAGS:
+            continue
+        after = args[i + 1] if i + 1 < len(args) else None
+        if after is None or (after.startswith("-") and not _is_number(after)):
+            took = f"the next argument is the flag {after}" if after else "nothing follows it"
+            return f"{arg} needs a value ({took}); give {arg}=VALUE"
+    return None
+
+
+def _workdir_problem(value: str | None, positional: Sequence[str], command: str) -> str | None:
+    """Why ``--workdir``'s value is not a directory to use: missing, blank, or the next
+    flag swallowed (``--workdir --config=seed``)."""
+    if value is None or value == "":
+        hint = (
+            f" (did you mean --workdir={positional[0]}?)"
+            if positional and command != "denoise"
+            else ""
+        )
+        return f"--workdir is required: the directory the run writes to{hint}"
+    if not value.strip():
+        return f"--workdir={value!r} is blank; give the directory the run writes to"
+    if value.startswith("-"):
+        return f"--workdir needs a value: it took {value!r}, the flag after it; give --workdir=DIR"
+    return None
 
 
 def _refused(command: str, name: str) -> str | None:
@@ -168,7 +249,7 @@ def _refused(command: str, name: str) -> str | None:
     if name in COMMAND_FLAGS[command] or (command == "train" and name.startswith("config.")):
         return None
     if name.startswith("no") and name[2:] in COMMAND_FLAGS[command]:
-        return None  # --noinvert
+        return None  # --noinvert, --noverbose
     if name == "config" or name.startswith("config."):
         if command == "evaluate":
             instead = (
@@ -264,7 +345,14 @@ def _check_backend() -> None:
         ) from None
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str], *, program: bool = False) -> int:
+    """Runs ``dae-jax`` with ``argv`` under the crash guard; returns the exit code.
+    ``program``: this process is the ``dae-jax`` command (see ``guard.run``)."""
+    command = argv[1] if len(argv) > 1 and argv[1] in COMMANDS else ""
+    return guard.run(f"dae-jax {command}".strip(), lambda g: _main(argv, g), program=program)
+
+
+def _main(argv: Sequence[str], g: guard.Guard) -> int:
     if len(argv) > 2 and argv[1] == "help" and argv[2] in COMMANDS:
         print(command_help(argv[2]), end="")
         return 0
@@ -279,6 +367,8 @@ def main(argv: Sequence[str]) -> int:
         return _error(
             f"unknown command {command!r}; use one of: {', '.join(COMMANDS)} (dae-jax --help)", 2
         )
+    g.stage = "reading the command line"
+    g.writes_workdir = command == "train"
     args = [argv[0], *argv[2:]]
     names = _flag_names(args)
     if any(name in HELP_FLAGS for name in names):
@@ -291,6 +381,14 @@ def main(argv: Sequence[str]) -> int:
         refused = _refused(command, name)
         if refused:
             return _error(refused, 2)
+    problem = repeated_flag(args) or swallowed_value(args)
+    if problem:
+        return _error(problem, 2)
+    from absl import flags
+
+    from dae_jax import configs
+
+    g.stage = "reading the config"
     try:
         if command == "train":
             args = configs.resolve_argv(args)
@@ -305,19 +403,17 @@ def main(argv: Sequence[str]) -> int:
         return _error(_flag_error(command, e), 2)
     except Exception as e:  # a user's config file can raise anything
         return _error(_config_error(args, e), 2)
-    if not FLAGS.workdir:
-        hint = (
-            f" (did you mean --workdir={positional[0]}?)"
-            if positional and command != "denoise"
-            else ""
-        )
-        return _error(f"--workdir is required: the directory the run writes to{hint}", 2)
+    g.verbose = FLAGS.verbose
+    problem = _workdir_problem(FLAGS.workdir, positional, command)
+    if problem:
+        return _error(problem, 2)
+    g.workdir = Path(FLAGS.workdir)
     if command != "train" and Path(FLAGS.workdir).exists() and not Path(FLAGS.workdir).is_dir():
         return _error(
             f"--workdir={FLAGS.workdir} is a file; give the directory of a trained run", 2
         )
     if command == "denoise":
-        if not FLAGS.output:
+        if not FLAGS.output or not FLAGS.output.strip() or FLAGS.output.startswith("-"):
             return _error("denoise needs --output=DIR: where the denoised images go", 2)
         if not positional:
             return _error(
@@ -327,46 +423,59 @@ def main(argv: Sequence[str]) -> int:
         return _error(
             f"unexpected argument {positional[0]!r} for {command} (dae-jax {command} --help)", 2
         )
+    if command == "train":
+        g.stage = "checking the config"
+        configs.validate(config)  # before the workdir is touched
+    else:
+        _refuse_experiment_root(command, g.workdir)
+        g.attach(g.workdir)  # evaluate and denoise log beside the run they read
 
     # Imports the training code: only once the command line is known to be good.
-    from absl import logging
-
+    g.stage = "loading JAX"
     from dae_jax import inference, parallel, train
 
-    logging.set_verbosity(logging.ERROR)  # orbax/tfds chatter is not for the user
-
-    try:
-        parallel.initialize_distributed()
-        _check_backend()
-        if command == "train":
-            train.fit(config, FLAGS.workdir)
-        elif command == "evaluate":
-            inference.evaluate_workdir(
-                FLAGS.workdir,
-                noise_kind=FLAGS["noise.kind"].value,
-                noise_level=FLAGS["noise.level"].value,
-                model=FLAGS.model,
-            )
-        else:
-            inference.denoise_files(
-                FLAGS.workdir, FLAGS.output, positional, invert=FLAGS.invert, model=FLAGS.model
-            )
-    except Interrupted as e:
-        print(str(e), file=sys.stderr)
-        return e.exit_code
-    except UserError as e:
-        return _error(str(e), e.exit_code)
-    except KeyboardInterrupt:
-        if command != "train":
-            return _error(f"{command} interrupted", 130)
-        return _error(
-            "interrupted before a checkpoint could be saved; run the same command again to "
-            "resume from the last one",
-            130,
+    g.stage = "starting JAX's backend"
+    parallel.initialize_distributed()
+    _check_backend()
+    g.begin_work()
+    if command == "train":
+        g.stage = "starting the run"
+        train.fit(config, FLAGS.workdir)
+    elif command == "evaluate":
+        g.stage = "evaluating"
+        inference.evaluate_workdir(
+            FLAGS.workdir,
+            noise_kind=FLAGS["noise.kind"].value,
+            noise_level=FLAGS["noise.level"].value,
+            model=FLAGS.model,
+        )
+    else:
+        g.stage = "denoising"
+        inference.denoise_files(
+            FLAGS.workdir, FLAGS.output, positional, invert=FLAGS.invert, model=FLAGS.model
         )
     return 0
 
 
+def _refuse_experiment_root(command: str, workdir: Path) -> None:
+    """``evaluate``/``denoise`` on an experiment's workdir name the runs it holds."""
+    from dae_jax import runfiles
+
+    if (workdir / "config.json").exists() or (workdir / "checkpoints").exists():
+        return
+    models = runfiles.experiment_models(workdir)
+    if models:
+        shown = ", ".join(str(m) for m in models[:6]) + (" ..." if len(models) > 6 else "")
+        raise UserError(
+            f"{workdir} is an experiment's workdir: its models are in {shown}; "
+            f"{command} one of them: dae-jax {command} --workdir={models[0]}"
+            + (" --model=K (K: see its population.json)" if len(models) > 1 else "")
+            + (" ..." if command == "denoise" else ""),
+            exit_code=1,
+        )
+
+
 def run() -> None:
-    """Console-script entry point."""
-    sys.exit(main(sys.argv))
+    """Console-script entry point (``dae-jax``, ``python -m dae_jax``)."""
+    guard.install_excepthook()
+    guard.exit_quietly(main(sys.argv, program=True))

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dae_jax import checkpointing, data, metrics, models, parallel, plots, runfiles
+from dae_jax import checkpointing, data, guard, metrics, models, parallel, plots, runfiles
 from dae_jax.errors import Interrupted, UserError
 from dae_jax.step import (
     Hyper,
@@ -232,12 +232,17 @@ def run(
     checkpoint at the next chunk boundary and raise ``Interrupted``."""
     started = time.perf_counter()
     workdir = Path(workdir)
+    runfiles.check_workdir(workdir)  # nothing is written before the inputs are known good
+    if len(members) == 1:
+        runfiles.refuse_experiment_root(workdir)
+    enable_compile_cache(config.compile_cache, log or print)
+    guard.stage("loading the data")
+    if dataset is None:
+        dataset = data.load(config.data, seed=config.seed)
+    config = with_image_shape(config, dataset)
     runfiles.prepare_workdir(workdir)
     with runfiles.WorkdirLock(workdir):
-        enable_compile_cache(config.compile_cache, log or print)
-        if dataset is None:
-            dataset = data.load(config.data, seed=config.seed)
-        config = with_image_shape(config, dataset)
+        guard.stage("training")
         loop = _Loop(config, workdir, tuple(members), dataset, train_indices, log, started)
         try:
             return loop.train(on_epoch, figures)
@@ -339,6 +344,15 @@ class _Loop:
                 f"({'; '.join(changes)}); resuming would mix two experiments: use a new "
                 "--workdir, or the run's own values (only train.epochs, the learning rate and "
                 "logging, evaluation and checkpoint settings may change)"
+            )
+        done, epochs = int(meta["epoch"]), self.config.train.epochs
+        needed = done + (1 if int(meta.get("step_in_epoch", 0)) else 0)  # a partial epoch counts
+        if epochs < needed:  # refused before config.json or anything else is rewritten
+            raise UserError(
+                f"--workdir={self.workdir} holds a run trained for {done} epochs"
+                + (" and part of the next" if needed > done else "")
+                + f"; --config.train.epochs={epochs} would cut it back: give "
+                f"--config.train.epochs={needed} or more to resume it, or use a new --workdir"
             )
 
     def _abstract_for(self, meta: dict[str, Any]) -> tuple[Any, bool]:
@@ -452,6 +466,7 @@ class _Loop:
         self.tensorboard = runfiles.TensorBoard(
             self.workdir / "tensorboard", self.k, bool(self.config.get("tensorboard", True))
         )
+        self.trained_before = position.epochs_done if restored is not None else None
         try:
             with self.stop:  # a stop signal after the last chunk: the run just finishes
                 state, first_step, compile_seconds, train_seconds = self._epochs(
@@ -743,9 +758,9 @@ class _Loop:
         writer: runfiles.MetricsWriter,
     ) -> Result:
         config, workdir, epochs = self.config, self.workdir, self.config.train.epochs
-        if restored is not None and restored[1].epochs_done >= epochs:
+        if self.trained_before is not None and self.trained_before >= epochs:  # before, not now
             self.say(
-                f"{workdir} is already trained for {restored[1].epochs_done} epochs; raise "
+                f"{workdir} is already trained for {self.trained_before} epochs; raise "
                 "--config.train.epochs to train longer"
             )
         if figures and self.k == 1 and parallel.is_primary():

@@ -25,7 +25,9 @@ from jax.sharding import PartitionSpec as P
 
 from dae_jax.errors import UserError
 
-DEFAULT_COORDINATOR_TIMEOUT = 300  # seconds; DAE_JAX_COORDINATOR_TIMEOUT overrides it
+DEFAULT_COORDINATOR_TIMEOUT = (
+    60  # seconds; DAE_JAX_COORDINATOR_TIMEOUT overrides it (issue 21: <= 60)
+)
 _WAIT_NOTICE_SECONDS = 10
 
 
@@ -103,7 +105,7 @@ def initialize_distributed(environ: Mapping[str, str] = os.environ) -> bool:
     ``JAX_PROCESS_ID`` name one explicitly; under SLURM with several tasks JAX reads the
     job's own variables; ``DAE_JAX_DISTRIBUTED=1`` lets JAX detect any other cluster it
     knows (TPU pod slices, Open MPI, GKE). CPU processes talk through gloo collectives.
-    Joining waits at most ``DAE_JAX_COORDINATOR_TIMEOUT`` seconds (default 300), then
+    Joining waits at most ``DAE_JAX_COORDINATOR_TIMEOUT`` seconds (default 60), then
     ends the process with one line on stderr and exit code 1. A bad variable is a
     ``UserError``.
     """

@@ -22,7 +22,7 @@ from typing import Any
 import ml_collections
 
 from dae_jax import models, runfiles
-from dae_jax.errors import Interrupted, UserError
+from dae_jax.errors import UserError
 
 
 def where(device: dict[str, Any]) -> str:
@@ -176,68 +176,164 @@ def cli(
 ) -> None:
     """An absl main: parses the shared flags, validates the config, then calls
     ``run(config=..., seeds=..., workdir=..., quick=..., command=...)``; a user mistake
-    ends in one line on stderr. ``quick(config)`` shrinks the config for ``--quick``;
-    ``owns`` maps the config keys the script sets itself to what the user gives instead
-    (they are refused as ``--config.KEY``); ``doc`` (the script's docstring) opens ``--help``;
+    ends in one line on stderr, anything unexpected in one line naming a crash log
+    (``dae_jax.guard``). ``quick(config)`` shrinks the config for ``--quick``, which only
+    fills the keys the command line does not set (and says what it set); ``owns`` maps
+    the config keys the script sets itself to what the user gives instead (they are
+    refused as ``--config.KEY``); ``doc`` (the script's docstring) opens ``--help``;
     ``default_config`` is the ``--config`` file when none is given (default.py)."""
+    from dae_jax import guard
+
+    guard.install_excepthook()
+    code = guard.run(
+        f"experiments/{experiment}.py",
+        lambda g: _cli(g, experiment, run, quick, owns or {}, doc, default_config),
+        program=True,
+    )
+    guard.exit_quietly(code)
+
+
+def _cli(
+    g: Any,
+    experiment: str,
+    run: Callable[..., None],
+    quick: Callable[[ml_collections.ConfigDict], None],
+    owns: Mapping[str, str],
+    doc: str | None,
+    default_config: str | None,
+) -> int:
     from absl import flags
-    from ml_collections import config_flags
 
-    from dae_jax.cli import DEFAULT_CONFIG
-    from dae_jax.configs import validate
+    from dae_jax.cli import DEFAULT_CONFIG, repeated_flag, swallowed_value
+    from dae_jax.configs import define_config_flag, resolve_argv, validate
 
+    g.stage, g.writes_workdir = "reading the command line", True
     flags.DEFINE_string("workdir", None, "Directory for results and figures (resumable).")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (one model per seed and setting).")
     flags.DEFINE_bool("quick", False, "Tiny data, few epochs, one seed: a smoke run.")
+    flags.DEFINE_bool("verbose", False, "Libraries' warnings (absl, orbax) on stderr too.")
+    argv = sys.argv = resolve_argv(sys.argv)  # --config=seed: the installed config
+    problem = repeated_flag(argv) or swallowed_value(argv)
+    if problem:
+        raise UserError(problem)
+    command = " ".join(["python", f"experiments/{experiment}.py", *argv[1:]])
+    g.stage = "reading the config"
+    try:  # the config file is loaded, and its overrides applied, as it is defined
+        define_config_flag(argv, default_config or str(DEFAULT_CONFIG), lock_config=False)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(_config_problem(argv, e)) from None
+    if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv[1:]):
+        flags.FLAGS(argv[:1])
+        print(_help(experiment, flags.FLAGS.config, doc))
+        return 0
+    _refuse_owned(argv, owns)
     try:
-        from dae_jax.configs import resolve_argv
+        positional = flags.FLAGS(argv)[1:]
+        config = flags.FLAGS.config
+        config.to_dict()
+    except flags.Error as e:
+        raise UserError(f"{_one_line(e)} (--help lists the flags)") from None
+    except Exception as e:  # a config file or an override can raise anything
+        raise UserError(_config_problem(argv, e)) from None
+    g.verbose = flags.FLAGS.verbose
+    if positional:
+        raise UserError(f"unexpected argument {positional[0]!r} (--help lists the flags)")
+    value = flags.FLAGS.workdir
+    if not value:
+        raise UserError("--workdir is required: the directory the results go to")
+    if not value.strip():
+        raise UserError(f"--workdir={value!r} is blank; give the directory the results go to")
+    workdir = g.workdir = Path(value)
+    seeds = numbers("seeds", flags.FLAGS.seeds, int, "0,1,2")
+    if flags.FLAGS.quick:
+        seeds = apply_quick(
+            quick, config, argv, seeds, seeds_given=bool(flags.FLAGS["seeds"].present)
+        )
+    g.stage = "checking the config"
+    validate(config)
+    g.stage = "loading JAX"
+    from dae_jax import engine
 
-        argv = sys.argv = resolve_argv(sys.argv)  # --config=seed: the installed config
-        try:  # the config file is loaded, and its overrides applied, as it is defined
-            config_flags.DEFINE_config_file(
-                "config", default_config or str(DEFAULT_CONFIG), lock_config=False
-            )
-        except Exception as e:
-            raise UserError(_config_problem(argv, e)) from None
-        if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv[1:]):
-            flags.FLAGS(argv[:1])
-            print(_help(experiment, flags.FLAGS.config, doc))
-            sys.exit(0)
-        _refuse_owned(argv, owns or {})
-        try:
-            positional = flags.FLAGS(argv)[1:]
-            config = flags.FLAGS.config
-            config.to_dict()
-        except flags.Error as e:
-            raise UserError(f"{_one_line(e)} (--help lists the flags)") from None
-        except Exception as e:  # a config file or an override can raise anything
-            raise UserError(_config_problem(argv, e)) from None
-        if positional:
-            raise UserError(f"unexpected argument {positional[0]!r} (--help lists the flags)")
-        if not flags.FLAGS.workdir:
-            raise UserError("--workdir is required: the directory the results go to")
-        workdir = Path(flags.FLAGS.workdir)
-        seeds = numbers("seeds", flags.FLAGS.seeds, int, "0,1,2")
-        if flags.FLAGS.quick:
-            quick(config)
-            seeds = seeds[:1]
-        validate(config)
-        from dae_jax import engine
-
-        runfiles.prepare_workdir(workdir)
-        engine.enable_compile_cache(config.compile_cache)
-        command = " ".join(["python", f"experiments/{experiment}.py", *argv[1:]])
-        run(config=config, seeds=seeds, workdir=workdir, quick=flags.FLAGS.quick, command=command)
-    except Interrupted as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(e.exit_code)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("error: interrupted; run the same command again to resume", file=sys.stderr)
-        sys.exit(130)
+    g.begin_work()
+    g.stage = "running the experiment"
+    runfiles.prepare_workdir(workdir)
+    engine.enable_compile_cache(config.compile_cache)
+    run(config=config, seeds=seeds, workdir=workdir, quick=flags.FLAGS.quick, command=command)
     print(f"Results: {workdir / 'results.md'}")
+    return 0
+
+
+def quick_or_given(
+    name: str, quick_value: Any, quick: bool, say: Callable[[str], None] = print
+) -> Any:
+    """A script flag's value: ``--quick``'s smaller one unless the flag was given (then
+    the given value wins); says what it set."""
+    from absl import flags
+
+    holder = flags.FLAGS[name]
+    if quick and not holder.present:
+        shown = ",".join(map(str, quick_value)) if isinstance(quick_value, list) else quick_value
+        say(f"--quick set --{name}={shown}")
+        return quick_value
+    return holder.value
+
+
+def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def apply_quick(
+    quick: Callable[[ml_collections.ConfigDict], None],
+    config: ml_collections.ConfigDict,
+    argv: Sequence[str],
+    seeds: list[int],
+    *,
+    seeds_given: bool,
+    say: Callable[[str], None] = print,
+) -> list[int]:
+    """``--quick``: ``quick(config)`` fills the keys the command line did not set (a
+    ``--config.KEY`` given wins), one seed unless ``--seeds`` is given; says what it set.
+    Returns the seeds."""
+    given = {a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")}
+    given |= {a[len("-config.") :].split("=", 1)[0] for a in argv if a.startswith("-config.")}
+    before = _flat(config)
+    quick(config)
+    after = _flat(config)
+    set_, kept = [], []
+    for key, value in after.items():
+        if value == before.get(key):
+            continue
+        if key in given:
+            _set(config, key, before[key])
+            kept.append(f"{key}={before[key]!r}")
+        else:
+            set_.append(f"{key}={value!r}")
+    if seeds_given:
+        kept.append(f"seeds={','.join(map(str, seeds))}")
+    elif len(seeds) > 1:
+        seeds = seeds[:1]
+        set_.append(f"seeds={seeds[0]}")
+    say(
+        f"--quick set {', '.join(set_) or 'nothing'}"
+        + (f" (kept what you gave: {', '.join(kept)})" if kept else "")
+    )
+    return seeds
 
 
 def _config_problem(argv: Sequence[str], error: Exception) -> str:

@@ -6,6 +6,7 @@ In a multi-process run only process 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
@@ -19,8 +20,8 @@ from typing import IO, Any
 import jax
 import numpy as np
 
-from dae_jax import parallel
-from dae_jax.errors import UserError
+from dae_jax import guard, parallel
+from dae_jax.errors import Interrupted, UserError
 
 # What a dae_jax workdir may hold; anything else means the directory is someone else's.
 RUN_FILES = {
@@ -41,6 +42,7 @@ RUN_FILES = {
     "results.csv",
     "results.json",
     "results.md",
+    "logs",  # what third-party libraries logged, crash reports (dae_jax.guard)
 }
 
 
@@ -83,12 +85,19 @@ def _is_run_file(name: str) -> bool:
     return name in RUN_FILES or name.startswith("metrics.") or name.endswith(".tmp")
 
 
-def prepare_workdir(workdir: Path) -> None:
-    """Creates ``workdir`` (and ``figures/``); refuses a file, an unwritable place, the
-    filesystem root, and a non-empty directory that is not a dae_jax workdir."""
+def check_workdir(workdir: Path) -> None:
+    """Refuses, writing nothing, a file, the filesystem root, a non-empty directory that
+    is not a dae_jax workdir, and a workdir another process holds (its lock)."""
+    try:
+        resolved = workdir.resolve()
+    except (RuntimeError, OSError) as e:  # Python 3.11 raises RuntimeError for a loop
+        raise UserError(
+            f"--workdir={workdir} cannot be resolved ({_first_line(e)}): a symbolic link in it "
+            "loops or is broken; give another directory"
+        ) from None
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir={workdir} is a file; give a directory (new or existing)")
-    if workdir.resolve() == Path(workdir.resolve().anchor):
+    if resolved == Path(resolved.anchor):
         raise UserError(f"--workdir={workdir} is the filesystem root; give a directory of its own")
     if workdir.is_dir():
         foreign = sorted(p.name for p in workdir.iterdir() if not _is_run_file(p.name))
@@ -107,6 +116,61 @@ def prepare_workdir(workdir: Path) -> None:
                 f"--workdir={workdir} holds a config.json that no dae_jax run wrote (no "
                 "checkpoints/, no metrics.jsonl); give a new or empty directory"
             )
+        checkpoints = workdir / "checkpoints"
+        if (checkpoints.exists() or checkpoints.is_symlink()) and not checkpoints.is_dir():
+            raise UserError(
+                f"{checkpoints} is not a directory; move it away (a run keeps its checkpoints "
+                "there) and run the same command again",
+                exit_code=1,
+            )
+        WorkdirLock(workdir).probe()
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+
+
+def refuse_experiment_root(workdir: Path) -> None:
+    """A single run may not train in an experiment's (a sweep's) workdir: its models live
+    in ``W/models/*``, and a stray run there would be what ``evaluate W`` finds."""
+    marks = [name for name in ("sweep.json", "results.json") if (workdir / name).is_file()]
+    members = experiment_models(workdir)
+    if marks or members:
+        shown = ", ".join(str(m) for m in members[:4]) + (" ..." if len(members) > 4 else "")
+        raise UserError(
+            f"--workdir={workdir} is an experiment's workdir (it holds "
+            f"{', '.join(marks) or 'models/'}), not a single run"
+            + (f"; its models are {shown}" if members else "")
+            + ": to train a run of your own use a new --workdir",
+            exit_code=1,
+        )
+
+
+def experiment_models(workdir: Path) -> list[Path]:
+    """The runs an experiment keeps under ``W/models/``: ``W/models`` itself when it is a
+    run, else each ``W/models/<name>/`` that is one."""
+    models = workdir / "models"
+    if not models.is_dir():
+        return []
+    if _is_run(models):
+        return [models]
+    return sorted(p for p in models.iterdir() if p.is_dir() and _is_run(p))
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path / "checkpoints").is_dir()
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Creates ``workdir`` (and ``figures/``); refuses what :func:`check_workdir` refuses
+    and an unwritable place."""
+    check_workdir(workdir)
+    target = workdir.resolve()
+    created = None
+    for parent in (target, *target.parents):
+        if parent.exists():
+            break
+        created = parent
     try:
         (workdir / "figures").mkdir(parents=True, exist_ok=True)
         probe = workdir / ".write_test"
@@ -116,6 +180,75 @@ def prepare_workdir(workdir: Path) -> None:
         raise UserError(
             f"--workdir={workdir} is not writable ({e.strerror}); give another"
         ) from None
+    if created is not None:
+        _created.setdefault(target, created)
+    guard.workdir_ready(workdir)
+
+
+# workdir (resolved) -> the outermost directory this process created for it: a command
+# that fails before its workdir holds anything worth keeping removes them again.
+_created: dict[Path, Path] = {}
+
+# What a failed start leaves in a workdir that is not worth keeping (the run's own
+# records of starting; logs/ goes to the crash report, tensorboard/ holds no epoch yet).
+_NOT_WORTH_KEEPING = {".lock", ".write_test", "config.json", "sweep.json", "population.json"}
+
+
+def _worth_keeping(workdir: Path) -> bool:
+    """Whether ``workdir`` holds anything a run produced: a checkpoint (even a partial
+    one), an epoch record, results, figures, an evaluation..."""
+    for path in workdir.rglob("*"):
+        if path.is_dir() or path.name in _NOT_WORTH_KEEPING:
+            continue
+        relative = path.relative_to(workdir).parts
+        if relative[0] in ("logs", "tensorboard") and "checkpoints" not in relative:
+            continue
+        if path.name == "metrics.jsonl":
+            try:
+                if '"event": "epoch"' not in path.read_text(encoding="utf-8", errors="replace"):
+                    continue
+            except OSError:
+                pass
+        return True
+    return False
+
+
+def roll_back(workdir: Path, *, locked: bool = False) -> bool:
+    """Removes ``workdir`` (and the parents made for it) when this process created it and
+    it holds nothing worth keeping: a command that fails before its first checkpoint
+    leaves the filesystem as it found it. ``locked``: the caller holds its lock; else it
+    is taken (a workdir another process has started to use is left alone). Returns
+    whether it removed anything."""
+    import shutil
+
+    try:
+        target = workdir.resolve()
+        root = _created.get(target)
+        if root is None or not target.is_dir():
+            return False
+        with contextlib.ExitStack() as stack:
+            if not locked and (target / ".lock").exists():
+                file = stack.enter_context((target / ".lock").open("r"))
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _worth_keeping(target):
+                return False
+            guard.workdir_removed(target)
+            shutil.rmtree(root if _only_path_to(root, target) else target)
+        del _created[target]
+        return True
+    except OSError:  # in use, or not removable: kept as it is
+        return False
+
+
+def _only_path_to(root: Path, target: Path) -> bool:
+    """Whether every directory from ``root`` down to ``target`` holds only the next one."""
+    node = root
+    while node != target:
+        inside = list(node.iterdir())
+        if len(inside) != 1 or (inside[0] != target and inside[0] not in target.parents):
+            return False
+        node = inside[0]
+    return True
 
 
 class WorkdirLock:
@@ -151,8 +284,31 @@ class WorkdirLock:
         self.file = file
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def probe(self) -> None:
+        """Raises the ``UserError`` of :meth:`__enter__` when another process holds the
+        lock; writes nothing (a workdir without ``.lock`` is free)."""
+        if not parallel.is_primary() or not self.path.is_file():
+            return
+        try:
+            file = self.path.open("r", encoding="utf-8", errors="replace")
+        except OSError:
+            return  # __enter__ will say what is wrong
+        with file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = file.read().strip() or "another process"
+                raise UserError(
+                    f"{self.path.parent} is in use by {holder}; wait for it to finish (or stop "
+                    "it), or use another --workdir",
+                    exit_code=1,
+                ) from None
+            fcntl.flock(file, fcntl.LOCK_UN)
+
+    def __exit__(self, kind: Any, error: Any, tb: Any) -> None:
         if self.file is not None:
+            if kind is not None and not isinstance(error, Interrupted):
+                roll_back(self.path.parent, locked=True)  # a failed start leaves nothing
             self.file.truncate(0)
             self.file.close()  # closing releases the lock
             self.file = None

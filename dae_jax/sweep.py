@@ -642,6 +642,8 @@ def cli(
             arms = [dataclasses.replace(arm, levels=tuple(levels)) for arm in arms]
         elif quick:
             arms = [dataclasses.replace(arm, levels=arm.levels[:2]) for arm in arms]
+            kept = "; ".join(f"{a.name}: {','.join(f'{v:g}' for v in a.levels)}" for a in arms)
+            print(f"--quick kept the first 2 levels of each arm ({kept})")
         if rates:
             arms = [dataclasses.replace(arm, learning_rate=r) for arm in arms for r in rates]
         for arm in arms:  # every level and rate is valid for its arm, before anything runs

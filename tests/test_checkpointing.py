@@ -16,7 +16,9 @@ from dae_jax import train
 from tests.conftest import DAE_JAX, REPO, TINY_FLAGS, run_cli, tiny_config
 
 EPOCHS = 16  # long enough that a signal lands mid-run, short enough for a test
-RESUME_FLAGS = [*TINY_FLAGS, f"--config.train.epochs={EPOCHS}"]
+# Each flag once (a repeated one is refused): TINY_FLAGS less the epochs set here.
+ONE_EPOCH_LESS = [f for f in TINY_FLAGS if not f.startswith("--config.train.epochs=")]
+RESUME_FLAGS = [*ONE_EPOCH_LESS, f"--config.train.epochs={EPOCHS}"]
 
 
 def leaves(workdir: Path) -> list[np.ndarray]:
@@ -200,7 +202,7 @@ def test_metrics_rewind_drops_cut_lines_and_later_steps(tmp_path):
 
 
 def test_nan_stops_with_one_line_and_keeps_nothing_after_the_last_checkpoint(tmp_path):
-    result = run_cli("train", f"--workdir={tmp_path}", *TINY_FLAGS, "--config.train.epochs=1")
+    result = run_cli("train", f"--workdir={tmp_path}", *ONE_EPOCH_LESS, "--config.train.epochs=1")
     assert result.returncode == 0, result.stderr
     summary_before = (tmp_path / "summary.json").read_text()
 
@@ -208,7 +210,7 @@ def test_nan_stops_with_one_line_and_keeps_nothing_after_the_last_checkpoint(tmp
     result = run_cli(
         "train",
         f"--workdir={tmp_path}",
-        *TINY_FLAGS,
+        *ONE_EPOCH_LESS,
         "--config.train.epochs=3",
         "--config.optim.learning_rate=1e30",
     )

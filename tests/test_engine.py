@@ -92,10 +92,17 @@ def test_evaluate_and_denoise_work_on_any_member(population, tmp_path):
     assert record["noise_level"] == 0.2 and record["model"] == 1
 
 
+# Each flag once (a repeated one is refused): TINY_FLAGS with 400 epochs.
+LONG_FLAGS = [
+    *(f for f in TINY_FLAGS if not f.startswith("--config.train.epochs=")),
+    "--config.train.epochs=400",
+]
+
+
 def test_one_writer_per_workdir(tmp_path):
     workdir = tmp_path / "run"
     first = subprocess.Popen(
-        [*DAE_JAX, "train", f"--workdir={workdir}", *TINY_FLAGS, "--config.train.epochs=400"],
+        [*DAE_JAX, "train", f"--workdir={workdir}", *LONG_FLAGS],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

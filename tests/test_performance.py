@@ -17,7 +17,11 @@ def _cache_entries(directory):
 def test_compile_cache_is_on_by_default_off_on_request_and_reused_by_a_second_run(tmp_path):
     home = tmp_path / "home"
     env = {"HOME": str(home)}
-    default_flags = [f for f in TINY_FLAGS if not f.startswith("--config.compile_cache")]
+    default_flags = [
+        f
+        for f in TINY_FLAGS
+        if not f.startswith(("--config.compile_cache", "--config.train.epochs"))
+    ]
     cache = home / ".cache" / "dae_jax" / "jax_compile_cache"
 
     def train(name: str, *extra: str) -> subprocess.CompletedProcess:
@@ -98,7 +102,9 @@ def test_benchmark_harness_writes_its_table_for_mlp_and_conv_rows(tmp_path):
 
 def _train_on(devices: int, workdir, *extra: str) -> subprocess.CompletedProcess:
     env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    return run_cli("train", f"--workdir={workdir}", *TINY_FLAGS, *extra, env=env)
+    given = {flag.split("=")[0] for flag in extra}  # each flag once: extra wins
+    tiny = [flag for flag in TINY_FLAGS if flag.split("=")[0] not in given]
+    return run_cli("train", f"--workdir={workdir}", *tiny, *extra, env=env)
 
 
 def test_data_parallel_over_8_devices_follows_the_single_device_run(tmp_path):

@@ -1,6 +1,9 @@
 """Config files (``get_config()``) and the checks every config passes before anything compiles."""
 
+import json
 import math
+import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,9 +46,12 @@ def names() -> tuple[str, ...]:
 def resolve(spec: str) -> str:
     """The config file ``--config=SPEC`` means: an existing file as given, else a shipped
     config by name (``seed``, ``seed.py`` or ``dae_jax/configs/seed.py`` from any
-    directory, so an installed package needs no checkout). Raises ``UserError`` otherwise."""
+    directory, so an installed package needs no checkout), or a past run's resolved config:
+    its ``config.json`` or its workdir. Raises ``UserError`` otherwise."""
     if Path(spec).is_file():
         return spec
+    if Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
+        return str(Path(spec) / "config.json")  # a past run's workdir: its resolved config
     for name in names():
         if spec in (name, f"{name}.py", f"dae_jax/configs/{name}.py"):
             return str(CONFIG_DIR / f"{name}.py")
@@ -60,6 +66,58 @@ def resolve(spec: str) -> str:
     )
 
 
+def run_config_path(spec: str) -> Path | None:
+    """The JSON config ``--config=SPEC`` names (a past run's ``config.json``, as
+    :func:`resolve` returns it), or None for a Python config file."""
+    path = Path(spec)
+    return path if path.suffix == ".json" and path.is_file() else None
+
+
+def load_json(path: Path) -> ml_collections.ConfigDict:
+    """A past run's resolved config (``W/config.json``) as a config to repeat or vary:
+    the default config with the run's values (lists as tuples where the default has a
+    tuple); ``data.image_shape`` is read from the data again. Raises ``UserError`` for a
+    file that is not such a config."""
+    from dae_jax.configs import default
+
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise UserError(f"--config={path} cannot be read as JSON ({reason})") from None
+    if not isinstance(value, dict) or not value:
+        raise UserError(
+            f"--config={path} is not a run's config.json (a JSON object of config keys)"
+        )
+    config = default.get_config()
+
+    def merge(node: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
+        for key, item in values.items():
+            if key not in node:
+                raise UserError(
+                    f"--config={path} has the key {prefix}{key}, which this dae_jax does not "
+                    "know; remove it from the file (the keys are listed in "
+                    "dae_jax/configs/default.py)"
+                )
+            if isinstance(node[key], ml_collections.ConfigDict):
+                if not isinstance(item, dict):
+                    raise UserError(f"--config={path}: {prefix}{key} must be a JSON object")
+                merge(node[key], item, f"{prefix}{key}.")
+                continue
+            if isinstance(node[key], tuple) and isinstance(item, list):
+                item = tuple(item)
+            elif isinstance(node[key], float) and _is_int(item):
+                item = float(item)
+            try:
+                node[key] = item
+            except TypeError as e:
+                raise UserError(f"--config={path}: {prefix}{key}={item!r}: {e}") from None
+
+    merge(config, value, "")
+    config.data.image_shape = ()  # resolved from the data: read again (the data may change)
+    return config
+
+
 def _fail(key: str, value: Any, allowed: str) -> UserError:
     return UserError(f"config {key}={value!r} is invalid: {allowed}")
 
@@ -70,6 +128,37 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _finite32(value: Any) -> bool:
+    """A number the device's float32 holds as a finite value (1e39 would be inf)."""
+    return _is_number(value) and math.isfinite(value) and abs(value) <= FLOAT32_MAX
+
+
+def _usable_directory(spec: str) -> bool:
+    """``spec`` is "" or a directory this process can create (if missing) and write to;
+    checked with a probe that leaves nothing behind."""
+    if not spec:
+        return True
+    path = Path(spec).expanduser()
+    try:
+        existing = path
+        while not existing.exists():
+            if existing.parent == existing:
+                return False
+            existing = existing.parent
+        if not existing.is_dir():
+            return False
+        if existing == path and not os.access(path, os.W_OK | os.X_OK):
+            return False
+        probe = tempfile.mkdtemp(prefix=".dae_jax-probe-", dir=existing)
+        os.rmdir(probe)
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_argv(argv: Sequence[str]) -> list[str]:
@@ -101,6 +190,49 @@ def resolve_argv(argv: Sequence[str]) -> list[str]:
                 f"--config={spec} cannot be read ({e.strerror}); check its permissions"
             ) from None
     return out
+
+
+def define_config_flag(
+    argv: list[str], default_file: str, flag_values: Any = None, *, lock_config: bool = True
+) -> None:
+    """Defines ``--config`` (with its ``--config.KEY=VALUE`` overrides) from ``argv``, as
+    resolved by :func:`resolve_argv`: a Python config file, or a past run's resolved
+    config (``--config=W/config.json``), which is taken out of ``argv`` (absl cannot load
+    JSON) and defined as the config itself."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    values = flags.FLAGS if flag_values is None else flag_values
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        spec = None
+        if arg.startswith(("--config=", "-config=")):
+            spec, drop = arg.split("=", 1)[1], [i]
+        elif arg in ("--config", "-config") and i + 1 < len(argv):
+            spec, drop = argv[i + 1], [i, i + 1]
+        path = run_config_path(spec) if spec is not None else None
+        if path is not None:
+            config = load_json(path)
+            for j in reversed(drop):
+                del argv[j]
+            config_flags.DEFINE_config_dict(
+                "config",
+                config,
+                help_string=f"The config of the run in {path.parent}.",
+                flag_values=values,
+                lock_config=lock_config,
+                sys_argv=list(argv),
+            )
+            return
+    config_flags.DEFINE_config_file(
+        "config",
+        default=default_file,
+        help_string="A config file with get_config(); override keys with --config.KEY=VALUE.",
+        flag_values=values,
+        lock_config=lock_config,
+        sys_argv=list(argv),
+    )
 
 
 def _unknown_keys(config: Any, reference: Any, prefix: str = "") -> list[str]:
@@ -164,6 +296,14 @@ def _as_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_coll
 _Check = tuple[str, bool, str]  # key, whether its value is allowed, what is allowed
 
 
+def _optional(get: Callable[[str], Any], key: str, default: Any) -> Any:
+    """``key``'s value, or ``default`` in a config written before the key existed."""
+    try:
+        return get(key)
+    except UserError:
+        return default
+
+
 def _data_and_model_checks(get: Callable[[str], Any]) -> list[_Check]:
     seed = get("seed")
     checks = [
@@ -173,7 +313,26 @@ def _data_and_model_checks(get: Callable[[str], Any]) -> list[_Check]:
             f"must be an integer from 0 to {SEED_LIMIT - 1} (JAX keys hold 32 bits: any other "
             "seed repeats the run of one of these, or overflows)",
         ),
-        ("compile_cache", isinstance(get("compile_cache"), str), 'must be a directory or ""'),
+        (
+            "compile_cache",
+            isinstance(get("compile_cache"), str) and _usable_directory(get("compile_cache")),
+            'must be "" (no cache) or a directory this user can create and write to',
+        ),
+        (
+            "profile_steps",
+            _is_int(_optional(get, "profile_steps", 0)) and _optional(get, "profile_steps", 0) >= 0,
+            "must be an integer >= 0 (0 = off)",
+        ),
+        (
+            "tensorboard",
+            isinstance(_optional(get, "tensorboard", True), bool),
+            "must be True or False",
+        ),
+        (
+            "noise.clip",
+            isinstance(_optional(get, "noise.clip", True), bool),
+            "must be True or False",
+        ),
         ("data.name", get("data.name") in DATASETS, f"must be one of {', '.join(DATASETS)}"),
     ]
     for key in ("data.train_size", "data.test_size"):
@@ -275,7 +434,7 @@ def _training_checks(get: Callable[[str], Any]) -> list[_Check]:
         checks.append(
             (
                 "noise.level",
-                _is_number(level) and math.isfinite(level) and level >= 0,
+                _finite32(level) and level >= 0,
                 "the Gaussian noise's standard deviation must be a finite number >= 0",
             )
         )
@@ -296,7 +455,7 @@ def _training_checks(get: Callable[[str], Any]) -> list[_Check]:
         ),
         (
             "optim.learning_rate",
-            _is_number(lr) and math.isfinite(lr) and lr > 0,
+            _finite32(lr) and lr > 0,
             "must be a finite number > 0",
         ),
     ]

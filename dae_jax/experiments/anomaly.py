@@ -26,6 +26,7 @@ def run(config, seeds, workdir, quick, command):
     classes = report.numbers("classes", FLAGS.classes, int, "0,6") or None
     if quick and classes is None:
         classes = [0, 1]
+        print("--quick set --classes=0,1")
     anomaly.run_experiment(config, seeds, workdir, classes=classes, command=command)
 
 

@@ -36,12 +36,15 @@ def run(config, seeds, workdir, quick, command):
         config,
         seeds,
         workdir,
-        fractions=report.numbers("label_fractions", FLAGS.label_fractions, float, "0.01,0.1,1")[
-            : 2 if quick else None
-        ],
-        pretrain_epochs=1 if quick else FLAGS.pretrain_epochs,
-        finetune_epochs=1 if quick else FLAGS.finetune_epochs,
-        val_size=128 if quick else FLAGS.val_size,
+        fractions=report.numbers(
+            "label_fractions",
+            report.quick_or_given("label_fractions", FLAGS.label_fractions[:2], quick),
+            float,
+            "0.01,0.1,1",
+        ),
+        pretrain_epochs=report.quick_or_given("pretrain_epochs", 1, quick),
+        finetune_epochs=report.quick_or_given("finetune_epochs", 1, quick),
+        val_size=report.quick_or_given("val_size", 128, quick),
         finetune_learning_rate=FLAGS.finetune_learning_rate,
         command=command,
     )
