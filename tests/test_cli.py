@@ -52,9 +52,10 @@ def test_tiny_train_run_writes_every_workdir_file(tmp_path):
     ("flag", "message"),
     [
         (
-            "--config.data.name=cifar10",
-            "error: config data.name='cifar10' is invalid: must be one of "
-            "mnist, fashion_mnist, kmnist, synthetic",
+            "--config.data.name=imagenet",
+            "error: config data.name='imagenet' is invalid: must be one of "
+            "mnist, fashion_mnist, kmnist, cifar10, svhn_cropped, stl10, celeb_a, folder, "
+            "skimage, synthetic",
         ),
         (
             "--config.noise.kind=pink",

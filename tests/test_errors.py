@@ -16,13 +16,13 @@ KEYS = "the keys are listed in dae_jax/configs/default.py"
 BAD_CONFIGS = [
     (
         ["--config.model.kind=transformer"],
-        "error: config model.kind='transformer' is invalid: must be one of mlp, conv",
+        "error: config model.kind='transformer' is invalid: must be one of mlp, conv, dncnn",
         2,
     ),
     (
-        ["--config.model.kind=conv", "--config.model.channels=(8,8,8,8)"],
-        "error: config model.channels=(8, 8, 8, 8) is invalid: must be 1 to 3 positive "
-        "integers (each level after the first halves the 28x28 image), e.g. (32, 64, 64)",
+        ["--config.model.kind=conv", "--config.model.channels=(8,8,8,8,8,8,8)"],
+        "error: config model.channels=(8, 8, 8, 8, 8, 8, 8) is invalid: must be 1 to 6 "
+        "positive integers (each level after the first halves the image), e.g. (32, 64, 64)",
         2,
     ),
     (
@@ -36,9 +36,9 @@ BAD_CONFIGS = [
         2,
     ),
     (
-        ["--config.data.name=cifar10"],
-        "error: config data.name='cifar10' is invalid: must be one of mnist, fashion_mnist, "
-        "kmnist, synthetic",
+        ["--config.data.name=imagenet"],
+        "error: config data.name='imagenet' is invalid: must be one of mnist, fashion_mnist, "
+        "kmnist, cifar10, svhn_cropped, stl10, celeb_a, folder, skimage, synthetic",
         2,
     ),
     (
@@ -121,7 +121,7 @@ BAD_CONFIGS = [
     (
         ["--config=no/such/config.py"],
         "error: --config=no/such/config.py: no such file or config name; give a Python file "
-        "with get_config() or one of the names default, seed, e.g. --config=seed",
+        "with get_config() or one of the names default, natural, seed, e.g. --config=seed",
         2,
     ),
 ]

@@ -155,15 +155,15 @@ def test_a_config_file_still_wins_and_an_unknown_name_lists_the_names(
         2,
         [
             "error: --config=tutorial: no such file or config name; give a Python file with "
-            "get_config() or one of the names default, seed, e.g. --config=seed"
+            "get_config() or one of the names default, natural, seed, e.g. --config=seed"
         ],
     )
     code, lines, _ = run_main(capsys, "train", "--workdir=w", "--config")
     assert (code, lines) == (
         2,
-        ["error: --config needs a value: a config name (default, seed) or a Python file"],
+        ["error: --config needs a value (nothing follows it); give --config=VALUE"],
     )
-    assert configs.names() == ("default", "seed")
+    assert configs.names() == ("default", "natural", "seed")
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h", "-help", "--helpfull"])
@@ -183,7 +183,7 @@ def test_help_on_every_subcommand(capsys, calls, command, flag):
             assert f"  --config.{key}={value}\n" in out
         keys = [line.split("=")[0] for line in out.splitlines() if line.startswith("  --config.")]
         assert keys[1:] == [f"  --config.{key}" for key, _ in cli._config_keys()]
-        assert len(keys) == 1 + 29  # the override flag, then every key
+        assert len(keys) == 1 + 37  # the override flag, then every key
     if command == "evaluate":
         assert "--noise.kind=KIND    gaussian, masking, salt_and_pepper" in out
     if command == "denoise":
@@ -390,7 +390,7 @@ def test_careless_workdir_and_config_arguments(tmp_path, capsys, calls):
         2,
         [
             f"error: --config={tmp_path} is a directory; give a Python file with get_config() "
-            "or one of the names default, seed, e.g. --config=seed"
+            "or one of the names default, natural, seed, e.g. --config=seed"
         ],
     )
     assert calls == {}
