@@ -121,6 +121,11 @@ def test_one_writer_per_workdir(tmp_path):
         [line] = second.stderr.strip().splitlines()
         assert line.startswith(f"error: {workdir} is in use by pid {first.pid} on ")
         assert line.endswith("wait for it to finish (or stop it), or use another --workdir")
+        # SIGTERM once the first run trains: it writes metrics.jsonl before it installs its
+        # stop handler, and a signal in between ends it uncleanly (-15, not 143).
+        while '"compile"' not in (workdir / "metrics.jsonl").read_text():
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
     finally:
         first.terminate()
         first.communicate(timeout=120)
