@@ -115,12 +115,17 @@ def test_denoise_command_line_exit_code(trained, tmp_path):
     assert (tmp_path / "o" / "a.png").exists()
 
 
+SLOW = pytest.mark.slow  # in this process, but a conv model trains for ~20 s on 2 CPU cores
+
+
 @pytest.mark.parametrize(
     "model",
     [
         {"tied_weights": True},
-        {"kind": "conv", "channels": (4, 8)},
-        {"kind": "conv", "channels": (4, 8, 8), "skip": True, "convs_per_level": 2},
+        pytest.param({"kind": "conv", "channels": (4, 8)}, marks=SLOW),
+        pytest.param(
+            {"kind": "conv", "channels": (4, 8, 8), "skip": True, "convs_per_level": 2}, marks=SLOW
+        ),
     ],
     ids=["mlp-tied", "conv", "conv-skip"],
 )
