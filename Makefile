@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 sources := dae_jax experiments tests
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: all install tfds-prepare demo test lint format bench fashion-mnist clean
+.PHONY: all install tfds-prepare demo test test-all lint format bench fashion-mnist clean
 
 all: lint test
 
@@ -51,8 +51,17 @@ demo: install fashion-mnist
 bench: install
 	$(BIN)/python experiments/benchmark.py --workdir=runs/benchmark
 
+# The fast tier: every test not marked slow, in this process (under 5 minutes on 2 cores).
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Every test: the fast tier and the slow one (experiment scripts end to end, the wheel
+# install, several devices or processes, signals and kill/resume), over TEST_WORKERS
+# pytest-xdist processes, each test module in one of them (its fixtures built once);
+# TEST_WORKERS=0 runs them all in this process.
+TEST_WORKERS ?= 2
+test-all: install
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 lint: install
 	$(BIN)/ruff check $(sources)

@@ -13,7 +13,7 @@ import pytest
 
 import dae_jax
 from dae_jax import train
-from tests.conftest import DAE_JAX, REPO, TINY_FLAGS, run_cli, tiny_config
+from tests.conftest import DAE_JAX, REPO, TINY_FLAGS, cli_here, run_cli, tiny_config
 
 EPOCHS = 16  # long enough that a signal lands mid-run, short enough for a test
 # Each flag once (a repeated one is refused): TINY_FLAGS less the epochs set here.
@@ -36,9 +36,9 @@ def events(workdir: Path) -> list[dict]:
 
 
 def _trained(tmp_path_factory, name: str, flags: list[str]) -> Path:
-    """A workdir trained through the CLI with ``flags``."""
+    """A workdir trained through the CLI with ``flags`` (in this process)."""
     workdir = tmp_path_factory.mktemp(name) / "run"
-    result = run_cli("train", f"--workdir={workdir}", *flags)
+    result = cli_here("train", f"--workdir={workdir}", *flags)
     assert result.returncode == 0, result.stderr
     return workdir
 
@@ -49,6 +49,7 @@ def reference(tmp_path_factory) -> Path:
     return _trained(tmp_path_factory, "reference", RESUME_FLAGS)
 
 
+@pytest.mark.slow  # two processes of 16 epochs each
 def test_two_processes_same_seed_bit_identical(reference, tmp_path):
     result = run_cli("train", f"--workdir={tmp_path / 'again'}", *RESUME_FLAGS)
     assert result.returncode == 0, result.stderr
@@ -78,6 +79,7 @@ def _wait_for_checkpoint(workdir: Path, process: subprocess.Popen) -> None:
     raise AssertionError("training never saved a checkpoint")
 
 
+@pytest.mark.slow  # a process stopped by a signal, then resumed by another
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_stopped_run_resumes_bit_identical(reference, tmp_path, signum):
     workdir = tmp_path / "run"
@@ -118,7 +120,7 @@ def test_resume_trains_longer_and_refuses_science_changes(tmp_path):
     assert_bit_identical(jax.tree.leaves(longer.state), jax.tree.leaves(straight.state))
     assert longer.summary["resumed_from_step"] == 8
 
-    result = run_cli("train", f"--workdir={run}", *TINY_FLAGS, "--config.noise.level=0.3")
+    result = cli_here("train", f"--workdir={run}", *TINY_FLAGS, "--config.noise.level=0.3")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: --workdir={run} holds a run trained with other settings "
@@ -128,7 +130,7 @@ def test_resume_trains_longer_and_refuses_science_changes(tmp_path):
     ]
     # The settings live in the checkpoints: without config.json the change is refused too.
     (run / "config.json").unlink()
-    result = run_cli("train", f"--workdir={run}", *TINY_FLAGS, "--config.noise.level=0.3")
+    result = cli_here("train", f"--workdir={run}", *TINY_FLAGS, "--config.noise.level=0.3")
     assert result.returncode == 2 and "(noise.level: 0.5 -> 0.3)" in result.stderr
 
 
@@ -202,12 +204,12 @@ def test_metrics_rewind_drops_cut_lines_and_later_steps(tmp_path):
 
 
 def test_nan_stops_with_one_line_and_keeps_nothing_after_the_last_checkpoint(tmp_path):
-    result = run_cli("train", f"--workdir={tmp_path}", *ONE_EPOCH_LESS, "--config.train.epochs=1")
+    result = cli_here("train", f"--workdir={tmp_path}", *ONE_EPOCH_LESS, "--config.train.epochs=1")
     assert result.returncode == 0, result.stderr
     summary_before = (tmp_path / "summary.json").read_text()
 
     # Resuming with an absurd learning rate (allowed: it is how one recovers) blows up.
-    result = run_cli(
+    result = cli_here(
         "train",
         f"--workdir={tmp_path}",
         *ONE_EPOCH_LESS,
@@ -228,7 +230,7 @@ def test_nan_stops_with_one_line_and_keeps_nothing_after_the_last_checkpoint(tmp
 
 
 def test_nan_before_any_checkpoint(tmp_path):
-    result = run_cli(
+    result = cli_here(
         "train", f"--workdir={tmp_path}", *TINY_FLAGS, "--config.optim.learning_rate=1e30"
     )
     assert result.returncode == 1
@@ -258,6 +260,7 @@ def two_epochs(tmp_path_factory) -> Path:
     return _trained(tmp_path_factory, "two", TINY_FLAGS)
 
 
+@pytest.mark.slow  # fresh processes: asyncio's tracebacks of a failed read show there
 @pytest.mark.parametrize(
     "damaged", ["state/_METADATA", "meta/metadata", "state/ocdbt.process_0/d/*"]
 )

@@ -6,12 +6,13 @@ import pytest
 from PIL import Image
 
 from dae_jax import plots
-from tests.conftest import TINY_FLAGS, run_cli
+from tests.conftest import run_cli
 
 
-def test_tiny_train_run_writes_every_workdir_file(tmp_path):
-    workdir = tmp_path / "run"
-    result = run_cli("train", f"--workdir={workdir}", *TINY_FLAGS)
+def test_tiny_train_run_writes_every_workdir_file(tiny_run):
+    """The session's tiny run (conftest.tiny_run: ``dae-jax train`` with TINY_FLAGS, in
+    this process); evaluate and denoise use it in test_inference.py."""
+    workdir, result = tiny_run.workdir, tiny_run.cli
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert "Train Epoch: 2 [512/512 (100%)]\tLoss: " in result.stdout
@@ -48,6 +49,7 @@ def test_tiny_train_run_writes_every_workdir_file(tmp_path):
         assert figure.size == (600, 400)
 
 
+@pytest.mark.slow  # a fresh process each, which imports JAX to check the config
 @pytest.mark.parametrize(
     ("flag", "message"),
     [
@@ -72,6 +74,7 @@ def test_unknown_dataset_or_noise_is_one_line_exit_2(tmp_path, flag, message):
 
 
 def test_unknown_command_and_missing_workdir():
+    """The real ``python -m dae_jax`` process (no JAX imported: well under a second)."""
     result = run_cli("fly")
     assert result.returncode == 2
     assert result.stderr.strip() == (

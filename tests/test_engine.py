@@ -12,7 +12,15 @@ import pytest
 import dae_jax
 from dae_jax import data, train
 from dae_jax.errors import UserError
-from tests.conftest import DAE_JAX, REPO, TINY_FLAGS, run_cli, run_python, tiny_config
+from tests.conftest import (
+    DAE_JAX,
+    REPO,
+    TINY_FLAGS,
+    captured,
+    cli_here,
+    run_python,
+    tiny_config,
+)
 
 SEEDS, LEVELS = [0, 1, 0], [0.5, 0.2, 0.0]
 
@@ -86,7 +94,7 @@ def test_a_population_refuses_other_members_on_resume(population, tmp_path):
 
 def test_evaluate_and_denoise_work_on_any_member(population, tmp_path):
     workdir, _, _ = population
-    result = run_cli("evaluate", f"--workdir={workdir}", "--model=1")
+    result = cli_here("evaluate", f"--workdir={workdir}", "--model=1")
     assert result.returncode == 0, result.stderr
     record = json.loads(next((workdir / "evaluation").glob("*model1*.json")).read_text())
     assert record["noise_level"] == 0.2 and record["model"] == 1
@@ -99,7 +107,9 @@ LONG_FLAGS = [
 ]
 
 
+@pytest.mark.slow  # a second process trains meanwhile
 def test_one_writer_per_workdir(tmp_path):
+    """A run in another process holds the workdir: this one (in this process) is refused."""
     workdir = tmp_path / "run"
     first = subprocess.Popen(
         [*DAE_JAX, "train", f"--workdir={workdir}", *LONG_FLAGS],
@@ -113,11 +123,16 @@ def test_one_writer_per_workdir(tmp_path):
         while not (workdir / "metrics.jsonl").exists() and time.monotonic() < deadline:
             assert first.poll() is None, first.communicate()
             time.sleep(0.05)
-        second = run_cli("train", f"--workdir={workdir}", *TINY_FLAGS)
+        second = cli_here("train", f"--workdir={workdir}", *TINY_FLAGS)
         assert second.returncode == 1
         [line] = second.stderr.strip().splitlines()
         assert line.startswith(f"error: {workdir} is in use by pid {first.pid} on ")
         assert line.endswith("wait for it to finish (or stop it), or use another --workdir")
+        # SIGTERM once the first run trains: it writes metrics.jsonl before it installs its
+        # stop handler, and a signal in between ends it uncleanly (-15, not 143).
+        while '"compile"' not in (workdir / "metrics.jsonl").read_text():
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
     finally:
         first.terminate()
         first.communicate(timeout=120)
@@ -127,45 +142,50 @@ def test_one_writer_per_workdir(tmp_path):
 def test_train_refuses_a_directory_that_is_not_a_workdir(tmp_path):
     (tmp_path / "config.json").write_text('{"mine": 1}')
     (tmp_path / "notes.txt").write_text("my notes")
-    result = run_cli("train", f"--workdir={tmp_path}", *TINY_FLAGS)
+    result = cli_here("train", f"--workdir={tmp_path}", *TINY_FLAGS)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: --workdir={tmp_path} is not empty and is not a dae_jax workdir (it holds "
         "notes.txt); give a new or empty directory"
     ]
     (tmp_path / "notes.txt").unlink()
-    result = run_cli("train", f"--workdir={tmp_path}", *TINY_FLAGS)
+    result = cli_here("train", f"--workdir={tmp_path}", *TINY_FLAGS)
     assert (
         result.returncode == 2 and "holds a config.json that no dae_jax run wrote" in result.stderr
     )
     assert (tmp_path / "config.json").read_text() == '{"mine": 1}'
-    result = run_cli("train", "--workdir=/", *TINY_FLAGS)
+    result = cli_here("train", "--workdir=/", *TINY_FLAGS)
     assert result.stderr.strip() == (
         "error: --workdir=/ is the filesystem root; give a directory of its own"
     )
 
 
-EIGHT_DEVICES = """
-import sys, numpy as np, jax
-from tests.conftest import tiny_config
-from dae_jax import train
-config = tiny_config(**{"train.epochs": 1})
-result = train.fit_many(config, seeds=list(range(8)), levels=[0.1 * k for k in range(8)],
-                        log=print)
-np.savez(sys.argv[1], *[np.asarray(x) for x in jax.tree.leaves(result.states.params)])
-"""
+def _sweep_of_8(path: str) -> None:
+    """Eight models of the tiny config in one sweep, their parameters saved to ``path``."""
+    config = tiny_config(**{"train.epochs": 1})
+    result = train.fit_many(
+        config, seeds=list(range(8)), levels=[0.1 * k for k in range(8)], log=print
+    )
+    np.savez(path, *[np.asarray(x) for x in jax.tree.leaves(result.states.params)])
 
 
+EIGHT_DEVICES = "import sys; from tests.test_engine import _sweep_of_8; _sweep_of_8(sys.argv[1])"
+
+
+@pytest.mark.slow  # a process with 8 simulated devices
 def test_a_sweep_of_8_models_over_8_devices_matches_one_device(tmp_path):
     """Eight models on eight simulated devices (one each) train as on one device: the
-    same programs per model, so equal within float32 round-off (stated: 1e-6)."""
-    outputs = {}
-    for devices in (1, 8):
-        env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-        path = tmp_path / f"{devices}.npz"
-        result = run_python("-c", EIGHT_DEVICES, str(path), env=env)
-        assert result.returncode == 0, result.stderr
-        outputs[devices] = (np.load(path), result.stdout)
+    same programs per model, so equal within float32 round-off (stated: 1e-6). The
+    one-device sweep runs in this process (one CPU device), the other in a process
+    started with 8."""
+    assert jax.device_count() == 1
+    with captured() as one_out:
+        _sweep_of_8(str(tmp_path / "1.npz"))
+    outputs = {1: (np.load(tmp_path / "1.npz"), one_out["stdout"])}
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = run_python("-c", EIGHT_DEVICES, str(tmp_path / "8.npz"), env=env)
+    assert result.returncode == 0, result.stderr
+    outputs[8] = (np.load(tmp_path / "8.npz"), result.stdout)
     assert "one device" in outputs[1][1]
     assert "8 devices, 8 model groups x 1 data-parallel" in outputs[8][1]
     one, eight = outputs[1][0], outputs[8][0]

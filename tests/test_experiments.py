@@ -17,6 +17,10 @@ ARMS = {
 }
 
 
+# Every test here runs an experiment script in a fresh process (the scripts' flags are
+# absl's global FLAGS, and they end with sys.exit), most of them a --quick sweep.
+pytestmark = pytest.mark.slow
+
 CONV = ("--config.model.kind=conv", "--config.model.channels=(4,8)", "--config.model.skip=True")
 
 

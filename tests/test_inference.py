@@ -11,15 +11,15 @@ from PIL import Image
 import dae_jax
 from dae_jax import data, inference, train
 from dae_jax.errors import UserError
-from tests.conftest import run_cli, tiny_config
+from tests.conftest import cli_here, tiny_config
 from tests.test_trust_images import _png_header_only
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("trained") / "run"
-    result = train.fit(tiny_config(), workdir, log=lambda line: None)
-    return workdir, result
+@pytest.fixture
+def trained(tiny_run):
+    """The session's tiny run (conftest.tiny_run), trained by ``dae-jax train`` in this
+    process: its workdir, and what train.fit returned."""
+    return tiny_run.workdir, tiny_run.result
 
 
 def test_restore_gives_the_trained_model(trained):
@@ -58,13 +58,13 @@ def test_evaluate_reproduces_the_last_epoch_and_takes_other_noise(trained):
 
 def test_evaluate_command_line(trained):
     workdir, _ = trained
-    result = run_cli(
+    result = cli_here(
         "evaluate", f"--workdir={workdir}", "--noise.kind=salt_and_pepper", "--noise.level=0.1"
     )
     assert result.returncode == 0, result.stderr
     assert "salt_and_pepper noise at level 0.1" in result.stdout
     assert (workdir / "evaluation" / "salt_and_pepper-0.1.json").exists()
-    bad = run_cli("evaluate", f"--workdir={workdir}", "--noise.kind=masking", "--noise.level=2")
+    bad = cli_here("evaluate", f"--workdir={workdir}", "--noise.kind=masking", "--noise.level=2")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "error: config noise.level=2.0 is invalid: masking corrupts a fraction of the pixels: "
@@ -100,7 +100,7 @@ def test_denoise_converts_reports_and_goes_on(trained, tmp_path):
 def test_denoise_command_line_exit_code(trained, tmp_path):
     workdir, _ = trained
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "a.png")
-    result = run_cli(
+    result = cli_here(
         "denoise",
         f"--workdir={workdir}",
         f"--output={tmp_path / 'o'}",
@@ -115,12 +115,17 @@ def test_denoise_command_line_exit_code(trained, tmp_path):
     assert (tmp_path / "o" / "a.png").exists()
 
 
+SLOW = pytest.mark.slow  # in this process, but a conv model trains for ~20 s on 2 CPU cores
+
+
 @pytest.mark.parametrize(
     "model",
     [
         {"tied_weights": True},
-        {"kind": "conv", "channels": (4, 8)},
-        {"kind": "conv", "channels": (4, 8, 8), "skip": True, "convs_per_level": 2},
+        pytest.param({"kind": "conv", "channels": (4, 8)}, marks=SLOW),
+        pytest.param(
+            {"kind": "conv", "channels": (4, 8, 8), "skip": True, "convs_per_level": 2}, marks=SLOW
+        ),
     ],
     ids=["mlp-tied", "conv", "conv-skip"],
 )
@@ -249,7 +254,7 @@ def test_denoise_command_line_invert_and_odd_inputs(trained, tmp_path):
     ink[7:21, 7:21] = 0
     Image.fromarray(ink).save(tmp_path / "ink.png")
     (tmp_path / "empty.png").write_bytes(b"")
-    result = run_cli(
+    result = cli_here(
         "denoise",
         f"--workdir={workdir}",
         f"--output={tmp_path}",  # the inputs' own directory

@@ -77,6 +77,7 @@ def venv(tmp_path_factory) -> Path:
     return venv
 
 
+@pytest.mark.slow  # the wheel built and installed in a new environment
 def test_import_uses_the_wheel_and_not_tensorflow(venv, tmp_path):
     # Every module of the package, not just its __init__: none may pull in TensorFlow.
     probe = (
@@ -97,6 +98,7 @@ def test_import_uses_the_wheel_and_not_tensorflow(venv, tmp_path):
     assert tensorflow and all('extra == "tfds-prepare"' in r for r in tensorflow), tensorflow
 
 
+@pytest.mark.slow  # the wheel built and installed in a new environment
 def test_console_script_trains_from_another_directory(venv, tmp_path):
     flags = [f for f in TINY_FLAGS if not f.startswith("--config.train.epochs=")]
     run(
@@ -113,6 +115,7 @@ def test_console_script_trains_from_another_directory(venv, tmp_path):
     assert (tmp_path / "run" / "figures" / "denoising.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # the wheel built and installed in a new environment
 def test_experiments_run_from_the_installed_package(venv, tmp_path):
     """``python -m dae_jax.experiments.NAME`` needs no checkout."""
     script = run(

@@ -216,6 +216,7 @@ def test_fast_conv_dae_is_the_plain_one_with_the_same_parameters(skip, convs_per
     _same_params_and_grads(lambda m, x: m.logits(x), lambda m, x: m.logits(x), fast, plain, x)
 
 
+@pytest.mark.slow  # in this process, but ~10 s on 2 CPU cores: two vmapped conv gradients
 def test_fast_conv_dae_gradients_under_vmap_over_models():
     # The sweeps train several models as one vmapped program (train.fit_many).
     def split(fast_convs, seed):

@@ -7,13 +7,14 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, TINY_FLAGS, run_cli, run_python
+from tests.conftest import REPO, TINY_FLAGS, cli_here, run_cli, run_python
 
 
 def _cache_entries(directory):
     return sorted(p.name for p in directory.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow  # three fresh processes: the cache is read from disk
 def test_compile_cache_is_on_by_default_off_on_request_and_reused_by_a_second_run(tmp_path):
     home = tmp_path / "home"
     env = {"HOME": str(home)}
@@ -45,6 +46,7 @@ def test_compile_cache_is_on_by_default_off_on_request_and_reused_by_a_second_ru
     assert summary["time_to_first_step_seconds"] > 0
 
 
+@pytest.mark.slow  # the benchmark script, end to end
 def test_benchmark_harness_writes_its_table_for_mlp_and_conv_rows(tmp_path):
     result = run_python(
         "experiments/benchmark.py",
@@ -107,13 +109,17 @@ def _train_on(devices: int, workdir, *extra: str) -> subprocess.CompletedProcess
     return run_cli("train", f"--workdir={workdir}", *tiny, *extra, env=env)
 
 
+@pytest.mark.slow  # a process with 8 simulated devices
 def test_data_parallel_over_8_devices_follows_the_single_device_run(tmp_path):
+    """The one-device run is ``dae-jax train`` in this process (one CPU device); the
+    other a ``dae-jax train`` process started with 8."""
     import jax
     import numpy as np
 
     import dae_jax
 
-    one = _train_on(1, tmp_path / "one")
+    assert jax.device_count() == 1
+    one = cli_here("train", f"--workdir={tmp_path / 'one'}", *TINY_FLAGS)
     eight = _train_on(8, tmp_path / "eight")
     assert one.returncode == 0, one.stderr
     assert eight.returncode == 0, eight.stderr
@@ -136,6 +142,7 @@ def test_data_parallel_over_8_devices_follows_the_single_device_run(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # a process with 8 simulated devices
 def test_batch_must_split_over_the_devices(tmp_path):
     result = _train_on(8, tmp_path / "w", "--config.train.batch_size=60")
     assert result.returncode == 2
@@ -152,17 +159,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes that join as one run
 @pytest.mark.parametrize("models", [0, 2], ids=["one-model", "sweep"])
 def test_two_processes_train_as_one_run(tmp_path, models):
     """A run (or a sweep's population: one model per process) over two processes ends
-    with the parameters of the same run in one process."""
+    with the parameters of the same run in one process (this one: the worker's main,
+    which joins nothing without the launcher's variables)."""
     import jax
     import numpy as np
 
+    from tests import multihost_worker
+
     worker = [sys.executable, "-m", "tests.multihost_worker"]
     extra = [str(models)] if models else []
-    alone = run_python(*worker[1:], str(tmp_path / "alone"), str(tmp_path / "alone_{}.npz"), *extra)
-    assert alone.returncode == 0, alone.stderr
+    assert jax.process_count() == 1 and jax.device_count() == 1
+    multihost_worker.main(str(tmp_path / "alone"), str(tmp_path / "alone_{}.npz"), models)
 
     port = _free_port()
     processes = [

@@ -63,6 +63,7 @@ def test_fine_tuning_beats_chance_and_keeps_the_best_validation_epoch():
     assert best_val == pytest.approx(float(jnp.max(val)))
 
 
+@pytest.mark.slow  # in this process, but ~11 s on 2 CPU cores: three stacks pre-trained
 def test_stacked_pretraining_gives_one_encoder_per_layer_and_lowers_each_loss():
     x, _ = _separable(256)
     pixels = x.reshape(256, -1)
@@ -125,6 +126,7 @@ def test_auroc_and_roc_against_hand_computed_values():
         anomaly.auroc(np.array([1.0, 2.0]), np.array([0, 0]))
 
 
+@pytest.mark.slow  # in this process, but ~11 s on 2 CPU cores: four populations trained
 def test_fit_many_trains_each_model_on_its_own_images():
     config = tiny_config()
     config.train.epochs = 1

@@ -11,7 +11,7 @@ import pytest
 from dae_jax import cli, configs, inference, parallel, train
 from dae_jax.configs import default
 from dae_jax.errors import UserError
-from tests.conftest import run_cli
+from tests.conftest import cli_here, run_cli
 
 
 def run_main(capsys, *args: str) -> tuple[int, list[str], str]:
@@ -319,8 +319,10 @@ def test_bad_launcher_variables_are_one_line(environ, message):
     assert str(error.value) == message
 
 
-def test_bad_launcher_variable_from_the_command_line(tmp_path):
-    result = run_cli("evaluate", f"--workdir={tmp_path}", env={**LAUNCHER, "JAX_PROCESS_ID": "abc"})
+def test_bad_launcher_variable_from_the_command_line(tmp_path, monkeypatch):
+    for name, value in {**LAUNCHER, "JAX_PROCESS_ID": "abc"}.items():
+        monkeypatch.setenv(name, value)  # refused before JAX is asked to join anything
+    result = cli_here("evaluate", f"--workdir={tmp_path}")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: JAX_PROCESS_ID=abc is invalid: it must be this process's index, an integer "
@@ -328,6 +330,7 @@ def test_bad_launcher_variable_from_the_command_line(tmp_path):
     ]
 
 
+@pytest.mark.slow  # a process that waits for a coordinator
 def test_a_coordinator_that_never_comes_ends_in_one_line_in_bounded_time(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -355,6 +358,7 @@ def test_a_coordinator_that_never_comes_ends_in_one_line_in_bounded_time(tmp_pat
     ]
 
 
+@pytest.mark.slow  # a fresh process: JAX's backend starts once per process
 def test_a_backend_that_is_not_installed_is_one_line(tmp_path):
     result = run_cli("evaluate", f"--workdir={tmp_path}", env={"JAX_PLATFORMS": "cuda"})
     assert result.returncode == 1
@@ -396,6 +400,7 @@ def test_careless_workdir_and_config_arguments(tmp_path, capsys, calls):
     assert calls == {}
 
 
+@pytest.mark.slow  # processes that try to join a cluster
 def test_a_cluster_that_is_not_there_or_a_busy_port_is_one_line(tmp_path):
     result = run_cli("evaluate", f"--workdir={tmp_path}", env={"DAE_JAX_DISTRIBUTED": "1"})
     assert result.returncode == 1
