@@ -51,7 +51,7 @@ def instructions(kind: str, models: int) -> str:
         hyper,
     )
     chunk = jax.jit(functools.partial(train.population_chunk, setup, 4))
-    text = re.sub(r"metadata=\{[^}]*\}", "", chunk.lower(*args).compile().as_text())
+    text = re.sub(r"metadata=\{[^}]*\}", "", chunk.lower(*args).compile().as_text() or "")
     lines = [line for line in text.splitlines() if _INSTRUCTION.match(line)]
     return "\n".join(re.sub(r",? ?stack_frame_id=\d+", "", line) for line in lines) + "\n"
 
