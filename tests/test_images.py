@@ -301,21 +301,21 @@ def test_models_refuse_images_they_cannot_take_in_one_line():
 # ----------------------------------------------- colour end to end (the mock)
 
 
+# A small conv DAE for one epoch on mock CIFAR-10 (colour, 32x32).
+CIFAR = {
+    "data.name": "cifar10",
+    "data.test_size": 16,
+    "model.kind": "conv",
+    "model.channels": (8, 8),
+    "train.epochs": 1,
+}
+
+
 @pytest.fixture(scope="module")
 def cifar_run(tmp_path_factory):
     """A conv DAE trained for one epoch on mock CIFAR-10 (colour, 32x32)."""
     workdir = tmp_path_factory.mktemp("cifar") / "run"
-    config = tiny_config(
-        **{
-            "data.name": "cifar10",
-            "data.train_size": 128,
-            "data.test_size": 16,
-            "model.kind": "conv",
-            "model.channels": (8, 8),
-            "train.epochs": 1,
-            "train.log_every": 2,
-        }
-    )
+    config = tiny_config(**{**CIFAR, "data.train_size": 128, "train.log_every": 2})
     with tfds.testing.mock_data(num_examples=128):
         result = train.fit(config, workdir, log=lambda _: None)
     return workdir, result
@@ -464,16 +464,7 @@ def test_a_conv_population_on_cpu_trains_its_members_one_after_another_as_single
 def test_a_sweep_runs_on_colour_images_with_bm3d_in_colour(tmp_path):
     from dae_jax import sweep
 
-    config = tiny_config(
-        **{
-            "data.name": "cifar10",
-            "data.train_size": 64,
-            "data.test_size": 16,
-            "model.kind": "conv",
-            "model.channels": (4, 8),
-            "train.epochs": 1,
-        }
-    )
+    config = tiny_config(**{**CIFAR, "data.train_size": 64, "model.channels": (4, 8)})
     with tfds.testing.mock_data(num_examples=64):
         rows = sweep.run(
             "noise_sweep", config, [sweep.Arm("gaussian", "mse", (0.2,))], [0], tmp_path,
