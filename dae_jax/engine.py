@@ -270,12 +270,14 @@ def with_image_shape(
             f"{dataset.min_train_size}); train on patches cut from them: "
             "--config.data.patch_size=N (e.g. 40)"
         )
-    smallest = min(dataset.min_train_size, *dataset.test_images.shape[1:3])
-    fixed = not models.kind(config).fully_convolutional
-    if patch and patch > (smallest if fixed else dataset.min_train_size):
+    # An MLP is evaluated on patch-sized centres of the test images too.
+    limit = dataset.min_train_size
+    if not models.kind(config).fully_convolutional:
+        limit = min(limit, *dataset.test_images.shape[1:3])
+    if patch > limit:
         raise UserError(
             f"data.patch_size={patch} is larger than {dataset.name}'s smallest image side "
-            f"({smallest if fixed else dataset.min_train_size}); give a smaller patch size"
+            f"({limit}); give a smaller patch size"
         )
     resolved = ml_collections.ConfigDict(config.to_dict())
     resolved.data.image_shape = tuple(shape)

@@ -112,8 +112,9 @@ class Setup:
     optimizer: Callable[[jax.Array], optax.GradientTransformation] = make_optimizer
     patch_size: int = 0  # > 0: train on random patches of this side (images come with sizes)
     augment: bool = False  # patches: random flips and transposes
-    # A population's members one after another (lax.map) instead of vmapped: XLA:CPU runs
-    # the grouped convolutions vmap makes of K conv models ~4x slower than K plain ones.
+    # A population's members one after another (lax.map) instead of vmapped: XLA:CPU ran
+    # the grouped convolutions vmap makes of 3 DnCNNs 11x slower than one (24.0 vs 2.2 s a
+    # step; experiments/PERFORMANCE.md).
     members_in_sequence: bool = False
 
     @classmethod
