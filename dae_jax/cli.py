@@ -53,6 +53,10 @@ example: dae-jax train --workdir=runs/seed --config=seed \\
 """
 
 COMMANDS = ("train", "evaluate", "denoise")
+# Commands that parse their own flags (each its own ``FlagValues``): the module's
+# ``command(argv, guard) -> int`` runs them; its ``main(argv) -> int`` is the same,
+# guarded, for tests and scripts.
+OWN_FLAGS: dict[str, str] = {}
 # The flags each command takes (besides train's --config.KEY=VALUE overrides).
 COMMAND_FLAGS = {
     "train": ("workdir", "config", "verbose"),
@@ -348,6 +352,15 @@ def _check_backend() -> None:
 def main(argv: Sequence[str], *, program: bool = False) -> int:
     """Runs ``dae-jax`` with ``argv`` under the crash guard; returns the exit code.
     ``program``: this process is the ``dae-jax`` command (see ``guard.run``)."""
+    if len(argv) > 1 and argv[1] in OWN_FLAGS:
+        import importlib
+
+        name, args = argv[1], [f"dae-jax {argv[1]}", *argv[2:]]
+        return guard.run(
+            f"dae-jax {name}",
+            lambda g: importlib.import_module(OWN_FLAGS[name]).command(args, g),
+            program=program,
+        )
     command = argv[1] if len(argv) > 1 and argv[1] in COMMANDS else ""
     return guard.run(f"dae-jax {command}".strip(), lambda g: _main(argv, g), program=program)
 
