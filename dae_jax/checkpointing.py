@@ -50,6 +50,10 @@ SCIENCE_KEYS = (
     "noise",
     "loss",
     "train.batch_size",
+    "optim.weight_decay",
+    "optim.schedule",
+    "optim.warmup_steps",
+    "optim.grad_clip",
 )
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
@@ -431,9 +435,7 @@ def restore(workdir: str | Path, *, model: int = 0, warn: Callable[[str], None] 
                 f"{workdir} holds {len(members)} models (0 to {len(members) - 1}); "
                 f"--model={model} does not exist",
             )
-        chosen = members[model]
-        config.seed, config.noise.level = chosen["seed"], chosen["level"]
-        config.optim.learning_rate = chosen["learning_rate"]
+        config = steps.Member.from_record(members[model], config).config(config)
         return steps.abstract_state(config, len(members))[1], False
 
     found = None

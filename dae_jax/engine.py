@@ -35,13 +35,15 @@ from flax import nnx
 from dae_jax import checkpointing, data, guard, metrics, models, parallel, plots, runfiles
 from dae_jax.errors import Interrupted, UserError
 from dae_jax.step import (
-    Hyper,
+    TRACED,
+    Member,
     Setup,
     TrainState,
     abstract_state,
     chunks,
     epoch_order,
     evaluate_population,
+    hyper_of,
     init_state,
     key_streams,
     padded_test_batches,
@@ -51,29 +53,6 @@ from dae_jax.step import (
 )
 
 EpochCallback = Callable[[dict[str, Any], models.Dae], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class Member:
-    """One model of a population: its seed (keys) and traced hyperparameters."""
-
-    seed: int
-    level: float
-    learning_rate: float
-
-    @classmethod
-    def of(cls, config: ml_collections.ConfigDict) -> Member:
-        return cls(int(config.seed), float(config.noise.level), float(config.optim.learning_rate))
-
-    def config(self, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-        """``base`` with this member's seed, noise level and learning rate."""
-        config = ml_collections.ConfigDict(base.to_dict())
-        config.seed, config.noise.level = self.seed, self.level
-        config.optim.learning_rate = self.learning_rate
-        return config
-
-    def describe(self) -> str:
-        return f"seed {self.seed}, level {self.level:g}, learning rate {self.learning_rate:g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,7 +293,7 @@ class _Loop:
         )
         self.say = _Log(log)
         self.graphdef, self.abstract = abstract_state(config, self.k)
-        self.setup = Setup.from_config(config, self.graphdef)
+        self.setup = Setup.from_config(config, self.graphdef, self.steps)
         self.checkpoints = checkpointing.Checkpoints(
             workdir / "checkpoints", keep=config.checkpoint.keep, warn=self.say
         )
@@ -332,13 +311,14 @@ class _Loop:
         if not isinstance(saved, dict) or not saved:  # no trustworthy record: shapes decide
             saved = None
         changes = checkpointing.science_changes(saved, self.config) if saved else []
-        if self.k > 1:  # each member's own seed, level and learning rate, not the base's
-            changes = [c for c in changes if not c.startswith(("seed:", "noise.level:"))]
-            before = tuple(Member(**m) for m in meta.get("members", []))
+        if self.k > 1:  # each member's own seed and traced values, not the base's
+            own = tuple(f"{key}:" for key in ("seed", *TRACED))
+            changes = [c for c in changes if not c.startswith(own)]
+            before = tuple(Member.from_record(m, self.config) for m in meta.get("members", []))
             if before != self.members:
                 changes.append(
-                    f"members: {len(before)} -> {self.k} models, or other seeds, levels or "
-                    "learning rates"
+                    f"members: {len(before)} -> {self.k} models, or other seeds or values of "
+                    f"{', '.join(TRACED)}"
                 )
         if changes:
             raise UserError(
@@ -348,6 +328,14 @@ class _Loop:
                 "logging, evaluation and checkpoint settings may change)"
             )
         done, epochs = int(meta["epoch"]), self.config.train.epochs
+        saved_epochs = (saved or {}).get("train", {}).get("epochs", epochs)
+        if self.setup.optim.schedule != "constant" and saved_epochs != epochs:
+            raise UserError(
+                f"--workdir={self.workdir} holds a run whose {self.setup.optim.schedule} "
+                f"learning-rate schedule spans {saved_epochs} epochs; "
+                f"--config.train.epochs={epochs} would change its rates: give "
+                f"--config.train.epochs={saved_epochs}, or use a new --workdir"
+            )
         needed = done + (1 if int(meta.get("step_in_epoch", 0)) else 0)  # a partial epoch counts
         if epochs < needed:  # refused before config.json or anything else is rewritten
             raise UserError(
@@ -408,7 +396,7 @@ class _Loop:
                 "step_in_epoch": position.step_in_epoch,
                 "epoch_loss_sum": position.loss_sums,
                 "root_key_data": np.asarray(jax.random.key_data(position.root_keys)).tolist(),
-                "members": [dataclasses.asdict(m) for m in self.members],
+                "members": [m.record() for m in self.members],
                 "diverged": {str(k): v for k, v in position.diverged.items()},
                 "config": checkpointing.plain(self.config),
             },
@@ -463,7 +451,7 @@ class _Loop:
         if self.k > 1:
             runfiles.write_json(
                 self.workdir / "population.json",
-                {"members": [dataclasses.asdict(m) for m in self.members]},
+                {"members": [m.record() for m in self.members]},
             )
         self.tensorboard = runfiles.TensorBoard(
             self.workdir / "tensorboard", self.k, bool(self.config.get("tensorboard", True))
@@ -495,10 +483,7 @@ class _Loop:
         batches, weights = padded_test_batches(
             self.dataset, self.config.eval.batch_size, self.config
         )
-        hyper = Hyper(
-            jnp.asarray([m.level for m in self.members], jnp.float32),
-            jnp.asarray([m.learning_rate for m in self.members], jnp.float32),
-        )
+        hyper = hyper_of([m.mapping for m in self.members])
         return {
             "images": p.replicated(images),
             "eval": p.replicated((batches, weights)),
@@ -541,7 +526,9 @@ class _Loop:
                 ).compile()
         evaluate = (
             jax.jit(functools.partial(evaluate_population, self.setup))
-            .lower(state.params, *inputs["eval"], inputs["eval_keys"], inputs["hyper"].level)
+            .lower(
+                state.params, *inputs["eval"], inputs["eval_keys"], inputs["hyper"]["noise.level"]
+            )
             .compile()
         )
         return programs, evaluate
@@ -709,7 +696,9 @@ class _Loop:
         eval_start = time.perf_counter()
         test = jax.tree.map(
             parallel.host,
-            evaluate(state.params, *inputs["eval"], inputs["eval_keys"], inputs["hyper"].level),
+            evaluate(
+                state.params, *inputs["eval"], inputs["eval_keys"], inputs["hyper"]["noise.level"]
+            ),
         )
         eval_seconds = time.perf_counter() - eval_start
         examples = (self.steps - first) * self.batch_size
@@ -723,6 +712,9 @@ class _Loop:
                 "epoch_seconds": epoch_seconds,
                 "examples_per_second": self.k * examples / epoch_seconds,
                 "eval_seconds": eval_seconds,
+                "learning_rate": self.setup.optim.learning_rate_at(
+                    self.members[k].value("optim.learning_rate"), epoch * self.steps - 1
+                ),
                 **({"diverged": True} if k in position.diverged else {}),
             }
             history.append(record)
@@ -780,7 +772,7 @@ class _Loop:
             "steps": self._global_step(position),
             "num_params": sum(int(np.size(p)) for p in jax.tree.leaves(state.params)) // self.k,
             "final": (finals[0] or [{}])[0] if self.k == 1 else [(f or [{}])[0] for f in finals],
-            **({"members": [dataclasses.asdict(m) for m in self.members]} if self.k > 1 else {}),
+            **({"members": [m.record() for m in self.members]} if self.k > 1 else {}),
             "diverged": {str(k): v for k, v in position.diverged.items()},
             "resumed_from_step": int(restored[2]["step"]) if restored is not None else None,
             "compile_seconds": compile_seconds,

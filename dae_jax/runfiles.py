@@ -419,6 +419,7 @@ def device_info() -> dict[str, Any]:
 # The epoch record's numbers that go to TensorBoard, as scalars named by their key.
 TENSORBOARD_SCALARS = (
     "train_loss",
+    "learning_rate",
     "test_loss",
     "test_psnr_noisy",
     "test_psnr_denoised",

@@ -7,8 +7,8 @@ and the position in training: a run is fixed bit for bit.
 
 A *population* is K models trained together: their states are stacked on a leading
 axis and ``population_chunk`` is ``jax.vmap`` of ``train_chunk`` over them. Each model
-has its own keys, data order and traced hyperparameters (``Hyper``: noise level and
-learning rate), so any mix of levels and learning rates shares one compiled program.
+has its own keys, data order and traced hyperparameters (``Hyper``: the values of the
+``TRACED`` config keys), so any mix of their values shares one compiled program.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -42,11 +42,73 @@ class KeyStreams(NamedTuple):
     eval: jax.Array
 
 
-class Hyper(NamedTuple):
-    """A model's traced hyperparameters (scalars; ``[K]`` in a population)."""
+# The config keys whose values may differ between the models of one compiled program:
+# each is a traced float32 scalar (``[K]`` in a population), read where it is used
+# (``train_step``, ``make_optimizer``). A new one is a line here, its use and its default.
+TRACED = ("noise.level", "optim.learning_rate", "optim.weight_decay")
+# A model's traced hyperparameters, by config key.
+Hyper = dict[str, jax.Array]
 
-    level: jax.Array
-    learning_rate: jax.Array
+
+def hyper_of(values: Sequence[dict[str, float]]) -> Hyper:
+    """``[K]`` arrays of the traced keys' values of K members."""
+    return {key: jnp.asarray([v[key] for v in values], jnp.float32) for key in TRACED}
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One model of a population: its seed (keys) and its values of the ``TRACED`` keys."""
+
+    seed: int
+    values: tuple[float, ...]  # in TRACED order
+
+    @classmethod
+    def of(cls, config: ml_collections.ConfigDict, seed: int | None = None) -> Member:
+        """The member ``config`` describes (with another seed, if given)."""
+        return cls(
+            int(config.seed if seed is None else seed),
+            tuple(float(_lookup(config, key)) for key in TRACED),
+        )
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], base: ml_collections.ConfigDict) -> Member:
+        """A member from its JSON record; a key it lacks (written before the key was
+        traced) has ``base``'s value; records before 0.3 named two keys ``level`` and
+        ``learning_rate``."""
+        named = {"noise.level": "level", "optim.learning_rate": "learning_rate"}
+        values = []
+        for key in TRACED:
+            value = record.get(key, record.get(named.get(key, key)))
+            values.append(float(_lookup(base, key) if value is None else value))
+        return cls(int(record["seed"]), tuple(values))
+
+    @property
+    def mapping(self) -> dict[str, float]:
+        return dict(zip(TRACED, self.values, strict=True))
+
+    def record(self) -> dict[str, Any]:
+        """What checkpoints and ``population.json`` hold: the seed and each traced value."""
+        return {"seed": self.seed, **self.mapping}
+
+    def value(self, key: str) -> float:
+        return self.values[TRACED.index(key)]
+
+    def config(self, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """``base`` with this member's seed and traced values."""
+        config = ml_collections.ConfigDict(base.to_dict())
+        config.seed = self.seed
+        for key, value in self.mapping.items():
+            section, name = key.split(".")
+            config[section][name] = value
+        return config
+
+    def describe(self) -> str:
+        return ", ".join([f"seed {self.seed}", *(f"{k} {v:g}" for k, v in self.mapping.items())])
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str) -> Any:
+    section, name = key.split(".")
+    return config[section][name]
 
 
 def key_streams(seed_or_root: int | jax.Array) -> KeyStreams:
@@ -55,9 +117,49 @@ def key_streams(seed_or_root: int | jax.Array) -> KeyStreams:
     return KeyStreams(*jax.random.split(root, 4))
 
 
-def make_optimizer(learning_rate: float | jax.Array) -> optax.GradientTransformation:
-    """Adam; the learning rate may be a traced value (its state does not hold it)."""
-    return optax.adam(learning_rate)
+@dataclasses.dataclass(frozen=True)
+class Optim:
+    """The optimizer's static settings (``optim.*`` less the traced ones)."""
+
+    schedule: str = "constant"  # constant | cosine (linear warmup, then cosine decay to 0)
+    warmup_steps: int = 0
+    total_steps: int = 1  # the cosine's length: train.epochs x steps per epoch
+    grad_clip: float = 0.0  # global-norm clipping; 0 = off
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, steps_per_epoch: int = 1) -> Optim:
+        optim = config.optim
+        return cls(
+            schedule=optim.get("schedule", "constant"),
+            warmup_steps=int(optim.get("warmup_steps", 0)),
+            total_steps=max(1, int(config.train.epochs) * steps_per_epoch),
+            grad_clip=float(optim.get("grad_clip", 0.0)),
+        )
+
+    def learning_rate(self, peak: float | jax.Array) -> optax.ScalarOrSchedule:
+        if self.schedule == "constant":
+            return peak
+        return optax.warmup_cosine_decay_schedule(
+            0.0, peak, min(self.warmup_steps, self.total_steps - 1), self.total_steps
+        )
+
+    def learning_rate_at(self, peak: float, step: int) -> float:
+        """The rate the optimizer applies at ``step`` (for the logs)."""
+        rate = self.learning_rate(peak)
+        return float(rate(step) if callable(rate) else rate)
+
+
+def make_optimizer(optim: Optim, hyper: Hyper) -> optax.GradientTransformation:
+    """AdamW (decoupled weight decay, 0 = Adam) at the member's traced learning rate and
+    weight decay, on ``optim``'s schedule, after global-norm clipping if set. The state
+    holds neither traced value, so members with any values share one program."""
+    adamw = optax.adamw(
+        optim.learning_rate(hyper["optim.learning_rate"]),
+        weight_decay=hyper["optim.weight_decay"],
+    )
+    if optim.grad_clip:
+        return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
+    return adamw
 
 
 def init_state(
@@ -65,7 +167,8 @@ def init_state(
 ) -> tuple[nnx.GraphDef, TrainState]:
     model = models.create(config, key=key)
     graphdef, params = nnx.split(model)
-    opt_state = make_optimizer(config.optim.learning_rate).init(params)
+    hyper = {k: jnp.float32(v) for k, v in Member.of(config).mapping.items()}
+    opt_state = make_optimizer(Optim.from_config(config), hyper).init(params)
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, opt_state)
 
 
@@ -109,7 +212,7 @@ class Setup:
     noise_kind: str
     clip: bool
     unroll: int = 1  # lax.scan unroll: speed only (fewer loop iterations per chunk)
-    optimizer: Callable[[jax.Array], optax.GradientTransformation] = make_optimizer
+    optim: Optim = Optim()
     patch_size: int = 0  # > 0: train on random patches of this side (images come with sizes)
     augment: bool = False  # patches: random flips and transposes
     # A population's members one after another (lax.map) instead of vmapped: XLA:CPU ran
@@ -118,13 +221,16 @@ class Setup:
     members_in_sequence: bool = False
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef) -> Setup:
+    def from_config(
+        cls, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, steps_per_epoch: int = 1
+    ) -> Setup:
         return cls(
             graphdef=graphdef,
             loss=config.loss,
             noise_kind=config.noise.kind,
             clip=bool(config.noise.clip),
             unroll=scan_unroll(config),
+            optim=Optim.from_config(config, steps_per_epoch),
             patch_size=int(config.data.get("patch_size", 0) or 0),
             augment=bool(config.data.get("augment", False)),
             members_in_sequence=(
@@ -160,13 +266,13 @@ def optimizer_step(
 def train_step(
     setup: Setup, state: TrainState, clean: jax.Array, key: jax.Array, hyper: Hyper
 ) -> tuple[TrainState, jax.Array]:
-    """One Adam step on a batch of clean images in [0, 1], corrupted with ``key``."""
-    noisy = setup.corrupt(key, clean, hyper.level)
+    """One optimizer step on a batch of clean images in [0, 1], corrupted with ``key``."""
+    noisy = setup.corrupt(key, clean, hyper["noise.level"])
 
     def loss_of(params: nnx.State) -> jax.Array:
         return jnp.mean(setup.loss_per_example(params, noisy, clean))
 
-    optimizer = setup.optimizer(hyper.learning_rate)
+    optimizer = make_optimizer(setup.optim, hyper)
     params, opt_state, loss = optimizer_step(optimizer, loss_of, state.params, state.opt_state)
     return TrainState(state.step + 1, params, opt_state), loss
 
@@ -192,7 +298,7 @@ def minibatch_epochs(
     n = data[0].shape[0]
     batch = min(batch_size, n)
     steps = n // batch
-    optimizer = make_optimizer(learning_rate)
+    optimizer = optax.adam(learning_rate)
 
     def epoch(carry: tuple, epoch_key: jax.Array) -> tuple[tuple, tuple[jax.Array, jax.Array]]:
         params, opt_state, best, best_score = carry

@@ -19,13 +19,16 @@ from flax import nnx
 
 from dae_jax import data, engine, models
 from dae_jax.configs import validate
-from dae_jax.engine import EpochCallback, Member, Result, enable_compile_cache
+from dae_jax.engine import EpochCallback, Result, enable_compile_cache
 from dae_jax.errors import UserError
 from dae_jax.runfiles import device_info, prepare_workdir, rewind_metrics, versions
 from dae_jax.step import (
     EVAL_METRICS,
+    TRACED,
     Hyper,
     KeyStreams,
+    Member,
+    Optim,
     Setup,
     TrainState,
     abstract_state,
@@ -33,6 +36,7 @@ from dae_jax.step import (
     chunks,
     epoch_order,
     evaluate,
+    hyper_of,
     init_state,
     key_streams,
     padded_test_batches,
@@ -49,8 +53,10 @@ __all__ = [
     "Hyper",
     "KeyStreams",
     "Member",
+    "Optim",
     "Result",
     "Setup",
+    "TRACED",
     "TrainState",
     "abstract_state",
     "batched_with_padding",
@@ -61,6 +67,7 @@ __all__ = [
     "evaluate",
     "fit",
     "fit_many",
+    "hyper_of",
     "init_state",
     "key_streams",
     "nnx",
@@ -126,40 +133,53 @@ def fit_many(
     config: ml_collections.ConfigDict,
     *,
     seeds: Sequence[int],
-    levels: Sequence[float],
+    levels: Sequence[float] | None = None,
     learning_rates: Sequence[float] | None = None,
+    values: Sequence[dict[str, float]] | None = None,
     workdir: str | Path | None = None,
     dataset: data.Dataset | None = None,
     train_indices: Sequence[np.ndarray] | None = None,
     log: Callable[[str], None] | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> Result:
-    """Trains one model per (seed, level[, learning rate]) in one compiled program.
+    """Trains one model per seed in one compiled program.
 
-    Model k is the run ``fit`` makes with ``config.seed = seeds[k]``,
-    ``config.noise.level = levels[k]`` (and ``config.optim.learning_rate =
-    learning_rates[k]``): same initialisation, data order and noise. Levels and
-    learning rates are traced values, so any mix of them shares one program.
-    ``train_indices[k]``, if given, are the training images model k sees (the same
-    count for every model). With a ``workdir`` the population is a resumable run there
-    (checkpoints, metrics.jsonl, every model kept for ``dae_jax.restore(W, model=k)``);
-    without one it trains in a temporary directory that is removed afterwards.
+    Model k is the run ``fit`` makes with ``config.seed = seeds[k]`` and, for each key of
+    ``values[k]`` (any of ``TRACED``: ``noise.level``, ``optim.learning_rate``,
+    ``optim.weight_decay``), that value; ``levels`` and ``learning_rates`` are shorthands
+    for those two keys. Same initialisation, data order and noise as ``fit``. Traced
+    values share one program, so any mix of them trains at once. ``train_indices[k]``,
+    if given, are the training images model k sees (the same count for every model).
+    With a ``workdir`` the population is a resumable run there (checkpoints,
+    metrics.jsonl, every model kept for ``dae_jax.restore(W, model=k)``); without one it
+    trains in a temporary directory that is removed afterwards.
     """
     config = validate(config)
-    learning_rates = (
-        [config.optim.learning_rate] * len(seeds) if learning_rates is None else learning_rates
-    )
-    if not seeds or not len(seeds) == len(levels) == len(learning_rates):
+    count = len(seeds)
+    given = {"levels": levels, "learning_rates": learning_rates, "values": values}
+    wrong = {name: len(v) for name, v in given.items() if v is not None and len(v) != count}
+    if not seeds or wrong:
         raise UserError(
-            f"fit_many needs one seed per level (and learning rate); got {len(seeds)}, "
-            f"{len(levels)} and {len(learning_rates)}"
+            f"fit_many needs one value per seed in each list; got {count} seeds and "
+            + ", ".join(f"{n} {name}" for name, n in wrong.items())
         )
-    members = [
-        Member(int(s), float(v), float(r))
-        for s, v, r in zip(seeds, levels, learning_rates, strict=True)
-    ]
-    for member in members:
+    members = []
+    for k, seed in enumerate(seeds):
+        own = dict(values[k]) if values is not None else {}
+        unknown = sorted(set(own) - set(TRACED))
+        if unknown:
+            raise UserError(
+                f"fit_many: {', '.join(unknown)} cannot differ inside one program (the traced "
+                f"keys are {', '.join(TRACED)}); train a population per value instead"
+            )
+        if levels is not None:
+            own["noise.level"] = levels[k]
+        if learning_rates is not None:
+            own["optim.learning_rate"] = learning_rates[k]
+        base = Member.of(config, seed=int(seed)).mapping
+        member = Member(int(seed), tuple(float(own.get(key, base[key])) for key in TRACED))
         validate(member.config(config))
+        members.append(member)
     run = functools.partial(
         engine.run, config, members=members, dataset=dataset, train_indices=train_indices,
         log=log, on_epoch=on_epoch, figures=False,

@@ -175,10 +175,7 @@ def bench_setting(
         ),
         in_axes=(0, None),
     )(keys, 1)
-    hyper = train.Hyper(
-        jnp.full((num_models,), config.noise.level, jnp.float32),
-        jnp.full((num_models,), config.optim.learning_rate, jnp.float32),
-    )
+    hyper = train.hyper_of([train.Member.of(config).mapping] * num_models)
     alive = jnp.ones((num_models,), bool)
     # Exactly what `dae-jax train` (K = 1) and a sweep (K > 1) run: one population chunk.
     chunk = functools.partial(train.population_chunk, setup)

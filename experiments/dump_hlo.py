@@ -40,7 +40,11 @@ def instructions(kind: str, models: int) -> str:
     setup = train.Setup.from_config(cfg, graphdef)
     keys = jax.random.split(jax.random.key(0), models)
     states = jax.vmap(lambda key: train.init_state(cfg, key)[1])(keys)
-    hyper = train.Hyper(jnp.full((models,), 0.5), jnp.full((models,), 1e-3))
+    hyper = {
+        "noise.level": jnp.full((models,), 0.5),
+        "optim.learning_rate": jnp.full((models,), 1e-3),
+        "optim.weight_decay": jnp.zeros((models,)),
+    }
     args = (
         states,
         jnp.ones((models,), bool),

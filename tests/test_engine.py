@@ -71,7 +71,7 @@ def test_a_diverging_model_is_frozen_and_the_others_train_as_without_it(populati
     assert epochs[-1]["train_loss"] == "NaN"  # valid JSON: no bare NaN
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["diverged"] == {"2": {"epoch": 1, "step": 2}}
-    assert [m["learning_rate"] for m in summary["members"]] == [1e-3, 1e-3, 1e30]
+    assert [m["optim.learning_rate"] for m in summary["members"]] == [1e-3, 1e-3, 1e30]
 
 
 def test_every_member_is_kept_and_restorable(population):

@@ -103,6 +103,6 @@ def test_fit_many_checks_its_levels(tiny):
     with pytest.raises(UserError, match="config noise.level=1.5 is invalid"):
         train.fit_many(tiny(**{"noise.kind": "masking"}), seeds=[0], levels=[1.5])
     with pytest.raises(
-        UserError, match="one seed per level \\(and learning rate\\); got 2, 1 and 2"
+        UserError, match="one value per seed in each list; got 2 seeds and 1 levels"
     ):
         train.fit_many(tiny(), seeds=[0, 1], levels=[0.5])

@@ -36,6 +36,7 @@ CONFIG_DIR = Path(__file__).resolve().parent
 # Seeds JAX turns into distinct keys: jax.random.key keeps the low 32 bits of an int
 # (2**32 gives the run of seed 0, -1 the run of 2**32 - 1) and overflows past 2**63.
 SEED_LIMIT = 2**32
+SCHEDULES = ("constant", "cosine")  # optim.schedule: dae_jax.step.Optim
 
 
 def names() -> tuple[str, ...]:
@@ -457,6 +458,29 @@ def _training_checks(get: Callable[[str], Any]) -> list[_Check]:
             "optim.learning_rate",
             _finite32(lr) and lr > 0,
             "must be a finite number > 0",
+        ),
+        (
+            "optim.weight_decay",
+            _finite32(_optional(get, "optim.weight_decay", 0.0))
+            and _optional(get, "optim.weight_decay", 0.0) >= 0,
+            "must be a finite number >= 0 (0 = Adam, no decay)",
+        ),
+        (
+            "optim.schedule",
+            _optional(get, "optim.schedule", "constant") in SCHEDULES,
+            f"must be one of {', '.join(SCHEDULES)}",
+        ),
+        (
+            "optim.warmup_steps",
+            _is_int(_optional(get, "optim.warmup_steps", 0))
+            and _optional(get, "optim.warmup_steps", 0) >= 0,
+            "must be an integer >= 0",
+        ),
+        (
+            "optim.grad_clip",
+            _finite32(_optional(get, "optim.grad_clip", 0.0))
+            and _optional(get, "optim.grad_clip", 0.0) >= 0,
+            "must be a finite number >= 0 (the global gradient norm to clip to; 0 = off)",
         ),
     ]
     for key in (

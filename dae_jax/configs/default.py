@@ -60,7 +60,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss = "mse"  # mse | bce
 
     config.optim = ml_collections.ConfigDict()
-    config.optim.learning_rate = 1e-3
+    config.optim.learning_rate = 1e-3  # the peak rate, with a schedule
+    config.optim.weight_decay = 0.0  # AdamW's decoupled weight decay; 0 = Adam
+    config.optim.schedule = "constant"  # constant | cosine (linear warmup, cosine decay to 0)
+    config.optim.warmup_steps = 0  # cosine: steps of linear warmup from 0
+    config.optim.grad_clip = 0.0  # clip gradients to this global norm; 0 = off
 
     config.train = ml_collections.ConfigDict()
     config.train.epochs = 10
