@@ -56,7 +56,7 @@ COMMANDS = ("train", "evaluate", "denoise")
 # Commands that parse their own flags (each its own ``FlagValues``): the module's
 # ``command(argv, guard) -> int`` runs them; its ``main(argv) -> int`` is the same,
 # guarded, for tests and scripts.
-OWN_FLAGS: dict[str, str] = {}
+OWN_FLAGS: dict[str, str] = {"sweep": "dae_jax.sweep", "table": "dae_jax.table"}
 # The flags each command takes (besides train's --config.KEY=VALUE overrides).
 COMMAND_FLAGS = {
     "train": ("workdir", "config", "verbose"),

@@ -204,11 +204,16 @@ def run(
     log: Callable[[str], None] | None = None,
     on_epoch: EpochCallback | None = None,
     figures: bool = True,
+    freeze_diverged: bool = False,
+    hparams: Sequence[dict[str, Any]] | None = None,
 ) -> Result:
     """Trains ``members`` (K >= 1) of the model ``config`` describes into ``workdir``,
     resuming from its latest intact checkpoint. ``train_indices[k]``, if given, are the
     training images member k sees (the same count for each). SIGINT/SIGTERM save a
-    checkpoint at the next chunk boundary and raise ``Interrupted``."""
+    checkpoint at the next chunk boundary and raise ``Interrupted``. A population of one
+    stops when its model diverges, unless ``freeze_diverged`` (a sweep's: it is frozen
+    and recorded, like a member of a larger population). ``hparams[k]`` (default: member
+    k's seed and traced values) labels member k in TensorBoard's hyperparameter view."""
     started = time.perf_counter()
     workdir = Path(workdir)
     runfiles.check_workdir(workdir)  # nothing is written before the inputs are known good
@@ -223,6 +228,8 @@ def run(
     with runfiles.WorkdirLock(workdir):
         guard.stage("training")
         loop = _Loop(config, workdir, tuple(members), dataset, train_indices, log, started)
+        loop.freeze_diverged = freeze_diverged or len(members) > 1
+        loop.hparams = list(hparams) if hparams else [m.record() for m in members]
         try:
             return loop.train(on_epoch, figures)
         finally:
@@ -294,12 +301,16 @@ class _Loop:
         self.say = _Log(log)
         self.graphdef, self.abstract = abstract_state(config, self.k)
         self.setup = Setup.from_config(config, self.graphdef, self.steps)
+        if len({m.value("noise.kind") for m in members}) > 1:  # the kind is traced
+            self.setup = dataclasses.replace(self.setup, noise_kind="")
         self.checkpoints = checkpointing.Checkpoints(
             workdir / "checkpoints", keep=config.checkpoint.keep, warn=self.say
         )
         self.metrics_path = workdir / "metrics.jsonl"
         self.stop = _StopSignals()
         self.first_step: float | None = None
+        self.freeze_diverged = self.k > 1
+        self.hparams = [m.record() for m in members]
 
     # ------------------------------------------------------------ state and files
 
@@ -526,9 +537,7 @@ class _Loop:
                 ).compile()
         evaluate = (
             jax.jit(functools.partial(evaluate_population, self.setup))
-            .lower(
-                state.params, *inputs["eval"], inputs["eval_keys"], inputs["hyper"]["noise.level"]
-            )
+            .lower(state.params, *inputs["eval"], inputs["eval_keys"], inputs["hyper"])
             .compile()
         )
         return programs, evaluate
@@ -643,7 +652,7 @@ class _Loop:
             bad = np.flatnonzero(~np.isfinite(values[k]))
             at = done - length + (int(bad[0]) + 1 if bad.size else length)
             position.diverged[int(k)] = {"epoch": epoch, "step": at}
-            if self.k == 1:
+            if not self.freeze_diverged:
                 raise UserError(
                     f"the loss became {values[k][bad[0]] if bad.size else 'non-finite'} in epoch "
                     f"{epoch} at step {at} of {self.steps}; stopped. {self._after_nan()}",
@@ -696,9 +705,7 @@ class _Loop:
         eval_start = time.perf_counter()
         test = jax.tree.map(
             parallel.host,
-            evaluate(
-                state.params, *inputs["eval"], inputs["eval_keys"], inputs["hyper"]["noise.level"]
-            ),
+            evaluate(state.params, *inputs["eval"], inputs["eval_keys"], inputs["hyper"]),
         )
         eval_seconds = time.perf_counter() - eval_start
         examples = (self.steps - first) * self.batch_size
@@ -764,6 +771,8 @@ class _Loop:
             figure = workdir / "figures" / "denoising.png"
             self.tensorboard.image(0, "denoising", figure, position.epochs_done)  # as the scalars
         finals = [[r for r in history if r.get("model", 0) == k][-1:] for k in range(self.k)]
+        for k, final in enumerate(finals):
+            self.tensorboard.hparams(k, self.hparams[k], (final or [{}])[0])
         last_steps = self.checkpoints.steps()
         summary = {
             "dataset": self.dataset.name,
@@ -813,6 +822,7 @@ def _write_figures(
 ) -> None:
     count = min(config.eval.num_figure_images, len(dataset.test_images))
     clean = to_float(jnp.asarray(test_images(dataset, config)[:count]))
+    setup = dataclasses.replace(setup, noise_kind=config.noise.kind)
     noisy = setup.corrupt(jax.random.fold_in(eval_key, 0), clean, jnp.float32(config.noise.level))
     reconstructed = nnx.merge(setup.graphdef, params)(noisy)
     psnr_noisy = float(jnp.mean(metrics.psnr(noisy, clean)))

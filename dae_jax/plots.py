@@ -85,91 +85,107 @@ def _mean_std_by(
     )
 
 
-def sweep_figures(directory: Path, rows, arms, lines, examples, clean: np.ndarray) -> None:
-    """The figures of an ablation sweep (see ``dae_jax.sweep``)."""
-    _quality_vs_level(directory, rows, arms)
-    _train_vs_test_level(directory, rows, arms)
-    _reconstructions(directory, examples, clean)
-    _probe_vs_level(directory, rows, arms)
+def _series(lines, x: str, hue: Sequence[str], key: str):
+    """{hue label: (x values, means, stds)} of the sweep summary ``lines``' ``key``."""
+    out: dict[str, tuple[list, list, list]] = {}
+    for line in lines:
+        label = ", ".join(f"{h}={_text(line['values'][h])}" for h in hue) or "DAE"
+        mean, std = line[key]
+        if mean == mean:  # not NaN
+            xs, means, stds = out.setdefault(label, ([], [], []))
+            xs.append(line["values"][x])
+            means.append(mean)
+            stds.append(std)
+    return out
 
 
-def _quality_vs_level(directory: Path, rows, arms) -> None:
-    """Quality vs level, against the noisy input and the classical references."""
-    kinds = sorted({arm.kind for arm in arms})
-    fig, axes = plt.subplots(len(kinds), 2, figsize=(11, 4 * len(kinds)), dpi=DPI, squeeze=False)
-    for row, kind in enumerate(kinds):
-        for col, metric in enumerate(("psnr", "ssim")):
-            ax = axes[row, col]
-            for arm in (a for a in arms if a.kind == kind):
-                x, mean, std = [], [], []
-                for level in arm.levels:
-                    values = [
-                        r["value"]
-                        for r in rows
-                        if r["model"] == arm.name
-                        and r["metric"] == metric
-                        and r["train_level"] == level
-                        and r["test_level"] == level
-                        and r["test_kind"] == kind
-                    ]
-                    x.append(level)
-                    mean.append(float(np.mean(values)))
-                    std.append(float(np.std(values)))
-                ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=f"DAE {arm.name}")
+def _text(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _plot_series(ax, series, prefix: str = "") -> None:
+    for label, (xs, means, stds) in series.items():
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in xs)
+        positions = xs if numeric else [_text(v) for v in xs]
+        ax.errorbar(positions, means, yerr=stds, marker="o", capsize=3, label=prefix + label)
+
+
+def sweep_quality(path: Path, rows, lines, x: str, hue: Sequence[str]) -> None:
+    """The DAE's PSNR and SSIM at its own corruption against the ``x`` axis, one line per
+    hue; with the noise level on x, the noisy input and the references too."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=DPI)
+    for ax, metric in zip(axes, ("psnr", "ssim"), strict=True):
+        _plot_series(ax, _series(lines, x, hue, metric), "DAE ")
+        if x == "noise.level":
+            kinds = sorted({line["values"].get("noise.kind", "") for line in lines} - {""})
             for reference, style in (
-                ("noisy input", "k:"),
-                ("clip", "--"),
-                ("gaussian_blur", "--"),
-                ("median_filter", "--"),
-                ("bm3d", "-."),
-            ):
-                points = sorted(
-                    (r["test_level"], r["value"])
-                    for r in rows
-                    if r["model"] == reference and r["metric"] == metric and r["test_kind"] == kind
-                )
-                if points:
-                    ax.plot(*zip(*points, strict=True), style, label=reference)
-            ax.set_xlabel(f"{kind} level (train = test)")
-            ax.set_ylabel(metric.upper())
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    _save(fig, directory / "quality_vs_level.png")
+                ("noisy input", "k:"), ("clip", "--"), ("gaussian_blur", "--"),
+                ("median_filter", "--"), ("bm3d", "-."),
+            ):  # fmt: skip
+                for kind in kinds or sorted({r.get("test_kind") for r in rows} - {None}):
+                    points = sorted(
+                        (r["test_level"], r["value"]) for r in rows
+                        if r["model"] == reference and r["metric"] == metric
+                        and r.get("test_kind") == kind
+                    )  # fmt: skip
+                    if points:
+                        label = reference + (f" ({kind})" if len(kinds) > 1 else "")
+                        ax.plot(*zip(*points, strict=True), style, label=label, alpha=0.7)
+        _finish_axes(ax, x, metric.upper())
+    _save(fig, path)
 
 
-def _train_vs_test_level(directory: Path, rows, arms) -> None:
-    """Train level x test level PSNR, one panel per arm."""
-    fig, axes = plt.subplots(1, len(arms), figsize=(5 * len(arms), 4.2), dpi=DPI, squeeze=False)
-    for ax, arm in zip(axes[0], arms, strict=True):
-        levels = list(arm.levels)
+def sweep_probe(path: Path, rows, lines, x: str, hue: Sequence[str]) -> None:
+    """Linear-probe accuracy of the codes against the ``x`` axis, and of raw pixels."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=DPI)
+    _plot_series(ax, _series(lines, x, hue, "probe"), "DAE codes, ")
+    pixels = [r["value"] for r in rows if r["model"] == "raw pixels"]
+    if pixels:
+        ax.axhline(pixels[0], color="k", linestyle=":", label="raw pixels")
+    _finish_axes(ax, x, "linear probe test accuracy")
+    _save(fig, path)
+
+
+def _finish_axes(ax, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def sweep_matrix(path: Path, rows, lines, hue: Sequence[str]) -> None:
+    """Train level x test level PSNR, one panel per hue (mean over seeds)."""
+    panels: dict[str, dict[tuple[float, float], list[float]]] = {}
+    labels = {line["label"]: ", ".join(f"{h}={_text(line['values'][h])}" for h in hue) or "DAE"
+              for line in lines}  # fmt: skip
+    train_level = {line["label"]: line["values"]["noise.level"] for line in lines}
+    for r in rows:
+        if r["metric"] == "psnr" and r["model"] in labels:
+            cell = (train_level[r["model"]], r["test_level"])
+            panels.setdefault(labels[r["model"]], {}).setdefault(cell, []).append(r["value"])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), dpi=DPI, squeeze=False)
+    for ax, (name, cells) in zip(axes[0], panels.items(), strict=True):
+        levels = sorted({a for a, _ in cells} | {b for _, b in cells})
         matrix = np.full((len(levels), len(levels)), np.nan)
-        for i, train_level in enumerate(levels):
-            for j, test_level in enumerate(levels):
-                values = [
-                    r["value"]
-                    for r in rows
-                    if r["model"] == arm.name
-                    and r["metric"] == "psnr"
-                    and r["train_level"] == train_level
-                    and r["test_level"] == test_level
-                ]
-                matrix[i, j] = np.mean(values) if values else np.nan
+        for (a, b), values in cells.items():
+            matrix[levels.index(a), levels.index(b)] = np.mean(values)
         image = ax.imshow(matrix, cmap="viridis")
-        ax.set_xticks(range(len(levels)), [f"{v:g}" for v in levels])
-        ax.set_yticks(range(len(levels)), [f"{v:g}" for v in levels])
+        ticks = [f"{v:g}" for v in levels]
+        ax.set_xticks(range(len(levels)), ticks)
+        ax.set_yticks(range(len(levels)), ticks)
         ax.set_xlabel("test level")
         ax.set_ylabel("train level")
-        ax.set_title(f"PSNR (dB), {arm.name}", fontsize=9)
+        ax.set_title(f"PSNR (dB), {name}", fontsize=9)
         for i in range(len(levels)):
             for j in range(len(levels)):
                 ax.text(
                     j, i, f"{matrix[i, j]:.1f}", ha="center", va="center", fontsize=7, color="w"
                 )
         fig.colorbar(image, ax=ax, fraction=0.046)
-    _save(fig, directory / "train_vs_test_level.png")
+    _save(fig, path)
 
 
-def _reconstructions(directory: Path, examples, clean: np.ndarray) -> None:
+def reconstructions(directory: Path, examples, clean: np.ndarray) -> None:
     """Reconstructions: clean on top, then noisy and reconstructed rows per model."""
     names = list(examples)
     count = len(clean)
@@ -193,21 +209,6 @@ def _reconstructions(directory: Path, examples, clean: np.ndarray) -> None:
     fig.subplots_adjust(left=0.2, right=0.99, top=0.99, bottom=0.01, hspace=0.05, wspace=0.05)
     fig.savefig(directory / "reconstructions.png", dpi=DPI)
     plt.close(fig)
-
-
-def _probe_vs_level(directory: Path, rows, arms) -> None:
-    """Linear-probe accuracy vs level, against raw pixels."""
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=DPI)
-    for arm in arms:
-        x, mean, std = _mean_std_by(rows, model=arm.name, metric="probe_accuracy")
-        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=f"DAE codes, {arm.name}")
-    pixels = next(r["value"] for r in rows if r["model"] == "raw pixels")
-    ax.axhline(pixels, color="k", linestyle=":", label="raw pixels")
-    ax.set_xlabel("train noise level (0 = plain autoencoder)")
-    ax.set_ylabel("linear probe test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    _save(fig, directory / "probe_vs_level.png")
 
 
 def accuracy_vs_labels(path: Path, rows, variants: Sequence[str]) -> None:

@@ -450,6 +450,21 @@ class TensorBoard:
                 if isinstance(record.get(key), float | int) and math.isfinite(record[key]):
                     self.writers[k].add_scalar(key, record[key], record["epoch"])
 
+    def hparams(self, k: int, values: dict[str, Any], final: dict[str, Any]) -> None:
+        """Member k's settings (e.g. a sweep's axis values) beside its last metrics, for
+        TensorBoard's HPARAMS tab: the runs are told apart by name."""
+        if self.writers:
+            shown = {
+                key: value if isinstance(value, bool | int | float | str) else str(value)
+                for key, value in values.items()
+            }
+            metrics = {
+                f"hparams/{key}": float(final[key])
+                for key in ("test_psnr_denoised", "test_loss")
+                if isinstance(final.get(key), float | int) and math.isfinite(final[key])
+            }
+            self.writers[k].add_hparams(shown, metrics, name="hparams")
+
     def image(self, k: int, tag: str, path: Path, step: int) -> None:
         """A written figure (PNG) as an image, e.g. the denoising figure."""
         if self.writers and path.exists():

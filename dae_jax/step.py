@@ -45,14 +45,25 @@ class KeyStreams(NamedTuple):
 # The config keys whose values may differ between the models of one compiled program:
 # each is a traced float32 scalar (``[K]`` in a population), read where it is used
 # (``train_step``, ``make_optimizer``). A new one is a line here, its use and its default.
-TRACED = ("noise.level", "optim.learning_rate", "optim.weight_decay")
+TRACED = ("noise.kind", "noise.level", "optim.learning_rate", "optim.weight_decay")
+# Traced keys whose values are names: traced as their index here.
+NAMED = {"noise.kind": tuple(corruption.CORRUPTIONS)}
 # A model's traced hyperparameters, by config key.
 Hyper = dict[str, jax.Array]
 
 
 def hyper_of(values: Sequence[dict[str, float]]) -> Hyper:
     """``[K]`` arrays of the traced keys' values of K members."""
-    return {key: jnp.asarray([v[key] for v in values], jnp.float32) for key in TRACED}
+    return {
+        key: jnp.asarray([NAMED[key].index(v[key]) for v in values], jnp.int32)
+        if key in NAMED
+        else jnp.asarray([v[key] for v in values], jnp.float32)
+        for key in TRACED
+    }
+
+
+def _value(key: str, value: Any) -> float | str:
+    return str(value) if key in NAMED else float(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,14 +71,14 @@ class Member:
     """One model of a population: its seed (keys) and its values of the ``TRACED`` keys."""
 
     seed: int
-    values: tuple[float, ...]  # in TRACED order
+    values: tuple[float | str, ...]  # in TRACED order
 
     @classmethod
     def of(cls, config: ml_collections.ConfigDict, seed: int | None = None) -> Member:
         """The member ``config`` describes (with another seed, if given)."""
         return cls(
             int(config.seed if seed is None else seed),
-            tuple(float(_lookup(config, key)) for key in TRACED),
+            tuple(_value(key, _lookup(config, key)) for key in TRACED),
         )
 
     @classmethod
@@ -79,18 +90,18 @@ class Member:
         values = []
         for key in TRACED:
             value = record.get(key, record.get(named.get(key, key)))
-            values.append(float(_lookup(base, key) if value is None else value))
+            values.append(_value(key, _lookup(base, key) if value is None else value))
         return cls(int(record["seed"]), tuple(values))
 
     @property
-    def mapping(self) -> dict[str, float]:
+    def mapping(self) -> dict[str, float | str]:
         return dict(zip(TRACED, self.values, strict=True))
 
     def record(self) -> dict[str, Any]:
         """What checkpoints and ``population.json`` hold: the seed and each traced value."""
         return {"seed": self.seed, **self.mapping}
 
-    def value(self, key: str) -> float:
+    def value(self, key: str) -> float | str:
         return self.values[TRACED.index(key)]
 
     def config(self, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -103,7 +114,10 @@ class Member:
         return config
 
     def describe(self) -> str:
-        return ", ".join([f"seed {self.seed}", *(f"{k} {v:g}" for k, v in self.mapping.items())])
+        shown = (
+            f"{k} {v}" if isinstance(v, str) else f"{k} {v:g}" for k, v in self.mapping.items()
+        )
+        return ", ".join([f"seed {self.seed}", *shown])
 
 
 def _lookup(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -167,7 +181,7 @@ def init_state(
 ) -> tuple[nnx.GraphDef, TrainState]:
     model = models.create(config, key=key)
     graphdef, params = nnx.split(model)
-    hyper = {k: jnp.float32(v) for k, v in Member.of(config).mapping.items()}
+    hyper = jax.tree.map(lambda x: x[0], hyper_of([Member.of(config).mapping]))
     opt_state = make_optimizer(Optim.from_config(config), hyper).init(params)
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, opt_state)
 
@@ -238,12 +252,23 @@ class Setup:
             ),
         )
 
-    def corrupt(self, key: jax.Array, clean: jax.Array, level: jax.Array) -> jax.Array:
-        return corruption.corrupt(self.noise_kind, key, clean, level, clip=self.clip)[0]
+    def corrupt(
+        self, key: jax.Array, clean: jax.Array, level: jax.Array, kind: jax.Array | None = None
+    ) -> jax.Array:
+        """``clean`` corrupted at ``level``: by the setup's noise kind, or, in a population
+        whose members differ in it (``noise_kind=""``), by the traced ``kind`` index."""
+        if self.noise_kind:
+            return corruption.corrupt(self.noise_kind, key, clean, level, clip=self.clip)[0]
+        branches = [functools.partial(_corrupt_as, name, self.clip) for name in NAMED["noise.kind"]]
+        return jax.lax.switch(kind, branches, key, clean, level)
 
     def loss_per_example(self, params: nnx.State, noisy: jax.Array, clean: jax.Array):
         model = nnx.merge(self.graphdef, params)
         return losses.per_example(self.loss, model.outputs(noisy), clean, model.predicts)
+
+
+def _corrupt_as(kind: str, clip: bool, key: jax.Array, clean: jax.Array, level: jax.Array):
+    return corruption.corrupt(kind, key, clean, level, clip=clip)[0]
 
 
 def _all_finite(tree: object) -> jax.Array:
@@ -267,7 +292,7 @@ def train_step(
     setup: Setup, state: TrainState, clean: jax.Array, key: jax.Array, hyper: Hyper
 ) -> tuple[TrainState, jax.Array]:
     """One optimizer step on a batch of clean images in [0, 1], corrupted with ``key``."""
-    noisy = setup.corrupt(key, clean, hyper["noise.level"])
+    noisy = setup.corrupt(key, clean, hyper["noise.level"], hyper["noise.kind"])
 
     def loss_of(params: nnx.State) -> jax.Array:
         return jnp.mean(setup.loss_per_example(params, noisy, clean))
@@ -476,6 +501,7 @@ def evaluate(
     weights_NxB: jax.Array,
     key: jax.Array,
     level: jax.Array,
+    kind: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """Test loss, PSNR and SSIM over batches ``[num_batches, B, ...]``; ``weights`` mask padding.
 
@@ -488,7 +514,7 @@ def evaluate(
     def one_batch(args: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
         index, images_u8, weights = args
         clean = to_float(images_u8)
-        noisy = setup.corrupt(jax.random.fold_in(key, index), clean, level)
+        noisy = setup.corrupt(jax.random.fold_in(key, index), clean, level, kind)
         outputs = model.outputs(noisy)
         denoised = model.to_pixels(outputs)
         per_example = jnp.stack(
@@ -514,18 +540,17 @@ def evaluate_population(
     images_u8_NxB: jax.Array,
     weights_NxB: jax.Array,
     eval_keys_K: jax.Array,
-    levels_K: jax.Array,
+    hypers_K: Hyper,
 ) -> dict[str, jax.Array]:
-    """``evaluate`` for K models; each metric comes back ``[K]``."""
-    one = functools.partial(evaluate, setup)
+    """``evaluate`` for K models, each at its own corruption; each metric comes back ``[K]``."""
+
+    def one(params: nnx.State, key: jax.Array, hyper: Hyper) -> dict[str, jax.Array]:
+        level, kind = hyper["noise.level"], hyper["noise.kind"]
+        return evaluate(setup, params, images_u8_NxB, weights_NxB, key, level, kind)
+
     if setup.members_in_sequence:
-        return jax.lax.map(
-            lambda m: one(m[0], images_u8_NxB, weights_NxB, m[1], m[2]),
-            (params_K, eval_keys_K, levels_K),
-        )
-    return jax.vmap(one, in_axes=(0, None, None, 0, 0))(
-        params_K, images_u8_NxB, weights_NxB, eval_keys_K, levels_K
-    )
+        return jax.lax.map(lambda m: one(*m), (params_K, eval_keys_K, hypers_K))
+    return jax.vmap(one)(params_K, eval_keys_K, hypers_K)
 
 
 def batched_with_padding(images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,83 +1,398 @@
-"""Ablation sweeps: many models trained at once, evaluated the way the literature does.
+"""Ablation sweeps: any config key is an axis; many models in one compiled program.
 
-An experiment is a list of arms (noise kind, loss[, learning rate]) each swept over
-levels and seeds. Every (kind, loss) family trains all its levels x seeds (x rates) as
-one population of the training engine (``train.fit_many`` in ``W/models/<kind>-<loss>``:
-resumable, every model kept); every model is then scored at every test level of its
-noise kind (PSNR, SSIM, MSE of the reconstruction), next to classical denoisers tuned
-per level on the same noisy images (BM3D for Gaussian noise, on the first test images:
-the models are scored on those too), and its encoder's codes get a linear probe
-(L-BFGS logistic regression, L2 chosen on held-out training images). Finished stages
-are kept in ``W/stages/``, so a killed sweep resumes to the same ``results.csv``.
-Outputs: ``results.csv`` (one row per model x test level x metric), ``results.json``,
-``results.md`` (mean +- std over seeds, best per column in bold) and figures.
+    dae-jax sweep --workdir=W [--grid=NAME|FILE] [--axis=KEY=V1,V2,...]... [--seeds=0,1,2]
+                  [--config=NAME|FILE] [--config.KEY=VALUE ...] [--quick]
+                  [--nobm3d] [--noprobe] [--nomatrix] [--plot=x:KEY,hue:KEY]
+
+A *member* is the base config with one value per axis, and a seed. Members that differ
+only in the traced keys (``step.TRACED``: noise level, learning rate, weight decay) and
+the seed train as one population, one ``vmap``-ed program, in ``W/models/<name>/``;
+members that differ in anything else (width, model kind, loss, noise kind, batch size)
+train as consecutive populations. ``W/sweep.json`` lists the populations, each a
+resumable run, and every scoring stage is kept in ``W/stages/``: a killed sweep resumes
+to the same ``results.csv``, and the same command with more values extends a finished
+sweep, training only the new members.
+
+Scoring: each model at its own corruption (and, ``--matrix``, at every level of its noise
+kind in the sweep): PSNR, SSIM, MSE, beside the noisy input and classical references
+tuned per level on the same images (``--bm3d``: BM3D for Gaussian noise on the first test
+images, the models scored on those too as ``*_subset``); ``--probe``: a linear probe of
+each encoder's codes (L-BFGS logistic regression). A reference computed once for a test
+condition is reused by every later sweep on that workdir.
+
+Outputs: ``results.csv`` (tidy: one row per member x test condition x metric, a column
+per axis and the seed), ``results.json``, ``results.md`` (mean ± std over seeds) and
+``figures/``. Hyperparameter search with a sampler (Optuna and the like) would plug in
+as a grid: a list of products of one value each, written by the sampler.
 """
 
 from __future__ import annotations
 
+import ast
 import csv
 import dataclasses
-import functools
+import itertools
 import json
 import math
+import re
 import statistics
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from dae_jax import baselines, checkpointing, data, metrics, models, plots, report, runfiles, train
-from dae_jax.configs import validate
+from dae_jax import checkpointing, grids, runfiles
 from dae_jax.errors import UserError
 
 METRICS = ("psnr", "ssim", "mse")
+SCORING = ("bm3d", "probe", "matrix")
+# Keys a sweep's resume may change (speed and logging), left out of its base config.
+SPEED_KEYS = ("compile_cache", "train.log_every", "train.scan_unroll", "profile_steps")
+REFERENCE_MODELS = ("noisy input", "clip", "gaussian_blur", "median_filter", "bm3d")
+FORMAT = 2  # sweep.json's layout
+
+
+# ------------------------------------------------------------------ grids and members
+
+
+def get(config: ml_collections.ConfigDict, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def put(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def check_axis_key(key: str, base: ml_collections.ConfigDict) -> None:
+    try:
+        value = get(base, key)
+    except (KeyError, AttributeError):
+        raise UserError(
+            f"--axis={key}=...: unknown config key {key!r} (dae-jax train --help lists them)"
+        ) from None
+    if isinstance(value, ml_collections.ConfigDict):
+        raise UserError(
+            f"--axis={key}=...: {key} is a section; give one of its keys, e.g. {key}.{next(iter(value))}"
+        )
+    if key == "seed":
+        raise UserError("--axis=seed=... : the seeds are their own flag: give --seeds=0,1,2")
+    if key.startswith("data.") or key in SPEED_KEYS:
+        raise UserError(
+            f"--axis={key}=...: {key} cannot be a sweep axis (every member shares the data, "
+            "its test images and references); run one sweep per value and combine them "
+            "with dae-jax table W1 W2"
+        )
+
+
+def coerce(key: str, value: Any, base: ml_collections.ConfigDict) -> Any:
+    """``value`` as the type of ``key``'s default (text from ``--axis`` parsed first)."""
+    default = get(base, key)
+    if isinstance(value, str) and not isinstance(default, str):
+        text = value.strip()
+        if isinstance(default, bool) and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            pass
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, tuple | list):
+        ok = isinstance(value, tuple | list)
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        kind = type(default).__name__
+        raise UserError(f"--axis={key}: {value!r} is not a {kind} like its default {default!r}")
+    return value
+
+
+def split_values(text: str) -> list[str]:
+    """``a,b,(1,2),c`` -> ``["a", "b", "(1,2)", "c"]``: commas inside brackets stay."""
+    out, depth, current = [], 0, ""
+    for char in text:
+        depth += (char in "([") - (char in ")]")
+        if char == "," and depth == 0:
+            out.append(current)
+            current = ""
+        else:
+            current += char
+    return [*out, current]
+
+
+def parse_axis(text: str, base: ml_collections.ConfigDict) -> tuple[str, list[Any]]:
+    """``KEY=V1,V2,...`` -> (key, typed values)."""
+    key, sep, values = text.partition("=")
+    key = key.strip().removeprefix("config.")
+    if not sep or not key or not values.strip():
+        raise UserError(f"--axis={text} is not KEY=V1,V2,...; e.g. --axis=noise.level=0.1,0.5")
+    check_axis_key(key, base)
+    parsed = [coerce(key, v, base) for v in split_values(values)]
+    if len(set(map(repr, parsed))) != len(parsed):
+        raise UserError(f"--axis={text} repeats a value; give each value once")
+    return key, parsed
+
+
+def load_grid(spec: str) -> tuple[str, dict[str, Any]]:
+    """A named grid (``grids.GRIDS``) or a JSON grid file: (its name, its content)."""
+    if spec in grids.GRIDS:
+        return spec, grids.GRIDS[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise UserError(
+            f"--grid={spec} is neither a grid name ({', '.join(grids.GRIDS)}) nor a JSON file"
+        )
+    try:
+        grid = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--grid={spec} is not readable JSON ({e})") from None
+    allowed = {"axes", "union", "config", "score", "plot", "doc", "seeds"}
+    if not isinstance(grid, dict) or set(grid) - allowed or ("axes" in grid) == ("union" in grid):
+        raise UserError(
+            f'--grid={spec}: a grid is a JSON object with either "axes" (key -> values) or '
+            f'"union" (a list of those), and optionally {", ".join(sorted(allowed - {"axes", "union"}))}'
+        )
+    return path.stem, grid
+
+
+def products(grid: dict[str, Any], axes: dict[str, list[Any]], base) -> list[dict[str, list]]:
+    """The grid's products, each with the ``--axis`` values in place of (or added to) its own."""
+    found = grid.get("union", [grid.get("axes", {})])
+    if not isinstance(found, list) or not all(isinstance(p, dict) for p in found):
+        raise UserError('a grid\'s "union" must be a list of objects (key -> list of values)')
+    out = []
+    for product in found or [{}]:
+        typed = {}
+        for key, values in product.items():
+            check_axis_key(key, base)
+            if not isinstance(values, list) or not values:
+                raise UserError(f"grid axis {key}: give a non-empty list of values")
+            typed[key] = [coerce(key, v, base) for v in values]
+        out.append({**typed, **axes})
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
-class Arm:
-    """One family of models: a noise kind and a loss (and, when the sweep varies it, a
-    learning rate), swept over ``levels``."""
+class Spec:
+    """One requested model: its axis values (all of the sweep's axes) and seed."""
 
-    kind: str
-    loss: str
-    levels: tuple[float, ...]
-    learning_rate: float | None = None  # None: the config's
+    values: tuple[tuple[str, Any], ...]
+    seed: int
+
+    def config(self, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        config = ml_collections.ConfigDict(base.to_dict())
+        for key, value in self.values:
+            put(config, key, value)
+        config.seed = self.seed
+        return config
 
     @property
-    def name(self) -> str:
-        lr = "" if self.learning_rate is None else f" lr={self.learning_rate:g}"
-        return f"{self.kind}/{self.loss}{lr}"
-
-    @property
-    def population(self) -> str:
-        """The directory of the population this arm trains in (one per kind and loss)."""
-        return f"{self.kind}-{self.loss}"
+    def label(self) -> str:
+        return ", ".join(f"{k}={_show(v)}" for k, v in self.values) or "DAE"
 
 
-def _noisy_test_images(
-    kind: str, level: float, clean: jax.Array, clip: bool, key: jax.Array
-) -> jax.Array:
-    from dae_jax import corruption
-
-    return corruption.corrupt(kind, key, clean, jnp.float32(level), clip=clip)[0]
-
-
-@jax.jit
-def _mean_scores(images: jax.Array, clean: jax.Array) -> dict[str, jax.Array]:
-    return {
-        "psnr": jnp.mean(metrics.psnr(images, clean)),
-        "ssim": jnp.mean(metrics.ssim(images, clean)),
-        "mse": jnp.mean(metrics.mse(images, clean)),
-    }
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple | list):
+        return "(" + ",".join(map(_show, value)) + ")"
+    return str(value)
 
 
-def _scores(images: jax.Array, clean: jax.Array) -> dict[str, float]:
-    return {name: float(value) for name, value in _mean_scores(images, clean).items()}
+def expand(
+    prods: list[dict[str, list]], seeds: Sequence[int], base
+) -> tuple[list[str], list[Spec]]:
+    """Every (product combination, seed), in order, once; and the axes (their union)."""
+    axes = list(dict.fromkeys(key for product in prods for key in product))
+    specs: dict[Spec, None] = {}
+    for product in prods:
+        keys = list(product)
+        for combo in itertools.product(*(product[k] for k in keys)):
+            chosen = dict(zip(keys, combo, strict=True))
+            values = tuple((a, chosen[a] if a in chosen else get(base, a)) for a in axes)
+            for seed in seeds:
+                specs[Spec(values, int(seed))] = None
+    return axes, list(specs)
+
+
+# ------------------------------------------------------------------------ the plan
+
+
+@dataclasses.dataclass(eq=False)
+class Population:
+    """Models trained as one program: the base config plus ``static`` overrides (the
+    non-traced keys, only those that differ from the base), one member each."""
+
+    name: str
+    static: dict[str, Any]
+    members: list[Any]  # step.Member
+
+    def config(self, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        config = ml_collections.ConfigDict(base.to_dict())
+        for key, value in self.static.items():
+            put(config, key, value)
+        return config
+
+
+def _split(spec: Spec, base: ml_collections.ConfigDict) -> tuple[dict[str, Any], Any]:
+    """A spec's population overrides (non-traced values that differ from the base) and
+    its engine member (seed and every traced value)."""
+    from dae_jax.step import TRACED, Member
+
+    static = {k: v for k, v in spec.values if k not in TRACED and v != get(base, k)}
+    return dict(sorted(static.items())), Member.of(spec.config(base))
+
+
+def _slug(static: dict[str, Any]) -> str:
+    text = "_".join(f"{k}={_show(v)}" for k, v in static.items()) or "base"
+    return re.sub(r"[^A-Za-z0-9.=_,()+-]", "-", text)[:120]
+
+
+def plan(
+    populations: list[Population], specs: list[Spec], base: ml_collections.ConfigDict
+) -> tuple[dict[Spec, tuple[Population, int]], list[Population]]:
+    """Where each spec trains (population, member index): in a population already
+    planned when one holds it, else in a new one per group of static overrides."""
+    where: dict[Spec, tuple[Population, int]] = {}
+    new: dict[str, Population] = {}
+    taken = {p.name for p in populations}
+    for spec in specs:
+        static, member = _split(spec, base)
+        found = next(
+            (
+                (p, p.members.index(member))
+                for p in populations
+                if p.static == static and member in p.members
+            ),
+            None,
+        )
+        if found is None:
+            key = json.dumps(runfiles_plain(static), sort_keys=True)
+            if key not in new:
+                from dae_jax.step import TRACED
+
+                shown = {k: v for k, v in spec.values if k not in TRACED}
+                name, n = _slug(shown), 2
+                while name in taken:
+                    name, n = f"{_slug(shown)}-{n}", n + 1
+                taken.add(name)
+                new[key] = Population(name, static, [])
+            pop = new[key]
+            if member not in pop.members:
+                pop.members.append(member)
+            found = (pop, pop.members.index(member))
+        where[spec] = found
+    return where, list(new.values())
+
+
+def runfiles_plain(value: Any) -> Any:
+    return json.loads(runfiles.dumps(value))
+
+
+def _base_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    record = checkpointing.plain(config)
+    for key in SPEED_KEYS:
+        *parents, leaf = key.split(".")
+        node = record
+        for part in parents:
+            node = node[part]
+        node.pop(leaf, None)
+    return runfiles_plain(record)
+
+
+def _manifest(workdir: Path, base: ml_collections.ConfigDict) -> list[Population]:
+    """The populations ``W/sweep.json`` lists; a sweep on another base config is refused."""
+    from dae_jax.step import Member
+
+    saved = runfiles.read_json(workdir / "sweep.json")
+    if saved is None:
+        return []
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise UserError(
+            f"--workdir={workdir} holds a sweep written by an older dae_jax (or a damaged "
+            "sweep.json); its results stay readable, but it cannot be resumed: use a new --workdir"
+        )
+    record = _base_record(base)
+    if saved["config"] != record:
+        changed = checkpointing.science_changes(saved["config"], base) or sorted(
+            k for k in record if saved["config"].get(k) != record[k]
+        )
+        raise UserError(
+            f"--workdir={workdir} holds a sweep on another base config ({'; '.join(changed)}); "
+            "mixing them would compare unlike models: use a new --workdir, or the same "
+            "--config values as before (an axis may gain values, not the base)"
+        )
+    return [
+        Population(
+            p["name"],
+            {k: coerce(k, v, base) for k, v in p["static"].items()},
+            [Member.from_record(m, base) for m in p["members"]],
+        )
+        for p in saved["populations"]
+    ]
+
+
+def _save_manifest(workdir: Path, base, populations: list[Population]) -> None:
+    runfiles.write_json(
+        workdir / "sweep.json",
+        {
+            "format": FORMAT,
+            "config": _base_record(base),
+            "populations": [
+                {
+                    "name": p.name,
+                    "static": runfiles_plain(p.static),
+                    "members": [m.record() for m in p.members],
+                }
+                for p in populations
+            ],
+        },
+    )
+
+
+# ----------------------------------------------------------------------------- run
+
+
+class _Stages:
+    """Finished scoring as JSON under ``W/stages/``, written atomically; a stage maps
+    member indices (or "all") to rows, so a resumed or extended sweep computes only what
+    is missing."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def get(
+        self, name: str, wanted: Sequence[str], compute: Callable[[list[str]], dict[str, list]]
+    ) -> dict[str, list[dict[str, Any]]]:
+        path = self.directory / f"{name}.json"
+        done = runfiles.read_json(path)
+        done = done if isinstance(done, dict) else {}
+        missing = [w for w in wanted if w not in done]
+        if missing:
+            done.update(compute(missing))
+            runfiles.write_json(path, done)
+        return {w: [_numbers_back(r) for r in done[w]] for w in wanted}
+
+    def rows(self, name: str, compute: Callable[[], list[dict[str, Any]]]) -> list[dict]:
+        """A stage of one list of rows."""
+        return self.get(name, ["all"], lambda _: {"all": compute()})["all"]
 
 
 def _numbers_back(row: dict[str, Any]) -> dict[str, Any]:
@@ -88,370 +403,375 @@ def _numbers_back(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class _Stages:
-    """A sweep's finished stages (references, each population's scores) as JSON rows
-    under ``W/stages/``, written atomically: a resumed sweep skips what is done and
-    ends with the same ``results.csv`` as an uninterrupted one."""
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """A test corruption: the noisy test images every model and reference is scored on."""
 
-    def __init__(self, directory: Path):
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
+    kind: str
+    level: float
+    clip: bool
 
-    def rows(self, name: str, compute: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
-        path = self.directory / f"{name}.json"
-        done = runfiles.read_json(path)
-        if isinstance(done, list):
-            return [_numbers_back(r) for r in done]
-        rows = compute()
-        runfiles.write_json(path, rows)
-        return rows
+    @classmethod
+    def of(cls, config: ml_collections.ConfigDict) -> Condition:
+        kind = config.noise.kind
+        return cls(kind, float(config.noise.level), bool(config.noise.clip) or kind != "gaussian")
 
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.level:g}" + ("" if self.clip else "-unclipped")
 
-def _row(
-    experiment: str,
-    model: str,
-    arm: Arm | None,
-    level: float | None,
-    seed: int | None,
-    metric: str,
-    value: float,
-    **extra: Any,
-) -> dict[str, Any]:
-    return {
-        "experiment": experiment,
-        "model": model,
-        "train_kind": arm.kind if arm else "",
-        "train_loss": arm.loss if arm else "",
-        "train_level": level if level is not None else "",
-        "seed": seed if seed is not None else "",
-        "metric": metric,
-        "value": value,
-        **extra,
-    }
-
-
-def _check_settings(workdir: Path, settings: dict[str, Any]) -> None:
-    """A sweep's workdir keeps the settings it was started with; others are refused."""
-    path = workdir / "sweep.json"
-    saved = runfiles.read_json(path)
-    if saved is not None and saved != json.loads(runfiles.dumps(settings)):
-        changed = sorted(
-            k for k in settings if saved.get(k) != json.loads(runfiles.dumps(settings[k]))
-        )
-        raise UserError(
-            f"--workdir={workdir} holds a sweep with other settings ({', '.join(changed)} "
-            "differ); resuming would mix two experiments: use a new --workdir, or the same "
-            "command as before"
-        )
-    runfiles.write_json(path, settings)
+    def columns(self) -> dict[str, Any]:
+        return {"test_kind": self.kind, "test_level": self.level, "test_clip": self.clip}
 
 
 def run(
     experiment: str,
     config: ml_collections.ConfigDict,
-    arms: Sequence[Arm],
-    seeds: Sequence[int],
+    axes: list[str],
+    specs: list[Spec],
     workdir: str | Path,
     *,
+    score: dict[str, bool] | None = None,
+    plot: str = "",
     log: Callable[[str], None] = print,
     command: str = "",
 ) -> list[dict[str, Any]]:
-    """Trains, evaluates and writes one experiment; returns its rows. Run again on the
-    same workdir, it resumes: trained populations from their checkpoints (in
-    ``W/models/<kind>-<loss>/``, every model kept), finished scoring from ``W/stages/``."""
+    """Trains what ``specs`` need and is not trained yet, scores every spec, and writes
+    the results; returns their rows. Resumable and extensible on the same workdir."""
+    from dae_jax.configs import validate
+
+    score = {name: True for name in SCORING} | (score or {})
+    for spec in specs:  # every member is valid, before anything runs
+        validate(spec.config(config))
     workdir = Path(workdir)
     runfiles.prepare_workdir(workdir)
     with runfiles.WorkdirLock(workdir):
-        _check_settings(
-            workdir,
-            {
-                "experiment": experiment,
-                "config": checkpointing.plain(_without_speed_keys(config)),
-                "arms": [dataclasses.asdict(arm) for arm in arms],
-                "seeds": list(seeds),
-            },
-        )
-        return _run(experiment, config, arms, seeds, workdir, log, command)
+        populations = _manifest(workdir, config)
+        where, new = plan(populations, specs, config)
+        trained = sum(len(p.members) for p in populations)
+        if new:
+            log(
+                f"{experiment}: {len(specs)} models; {sum(len(p.members) for p in new)} to train "
+                f"in {len(new)} new population(s)"
+                + (f", the other {len(specs) - sum(len(p.members) for p in new)} are in "
+                   f"the {trained} trained before" if populations else "")
+            )  # fmt: skip
+            populations += new
+            _save_manifest(workdir, config, populations)
+        else:
+            log(f"{experiment}: all {len(specs)} models are planned already; resuming")
+        return _run(experiment, config, axes, specs, where, workdir, score, plot, log, command)
 
 
-def _without_speed_keys(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config less what may change between a sweep's resumes (speed, logging)."""
-    out = ml_collections.ConfigDict(config.to_dict())
-    del out["compile_cache"]
-    out.train.log_every = out.train.scan_unroll = 0
-    return out
+def _run(experiment, config, axes, specs, where, workdir, score, plot, log, command):
+    import jax
+    import jax.numpy as jnp
 
+    from dae_jax import data, engine, step
 
-def _run(
-    experiment: str,
-    config: ml_collections.ConfigDict,
-    arms: Sequence[Arm],
-    seeds: Sequence[int],
-    workdir: Path,
-    log: Callable[[str], None],
-    command: str,
-) -> list[dict[str, Any]]:
     started = time.perf_counter()
     stages = _Stages(workdir / "stages")
     dataset = data.load(config.data, seed=config.seed)
+    config = engine.with_image_shape(config, dataset)
     log(f"{experiment}: {dataset.name} from {dataset.source}, {len(dataset.train_images)} train")
-    clean_test = train.to_float(jnp.asarray(dataset.test_images))
-    eval_key = jax.random.key(config.seed + 10_000)  # the same noisy test set for every model
-    test_grid = sorted({(arm.kind, level) for arm in arms for level in arm.levels})
-    noisy_by_test = {
-        (kind, level): _noisy_test_images(
-            kind, level, clean_test, bool(config.noise.clip), jax.random.fold_in(eval_key, i)
-        )
-        for i, (kind, level) in enumerate(test_grid)
+    clean = step.to_float(jnp.asarray(step.test_images(dataset, config)))
+    own = {spec: Condition.of(spec.config(config)) for spec in specs}
+    tested = {spec: [own[spec]] for spec in specs}
+    if score["matrix"]:
+        for spec in specs:
+            tested[spec] = sorted(
+                {c for c in own.values() if (c.kind, c.clip) == (own[spec].kind, own[spec].clip)},
+                key=lambda c: c.level,
+            )
+    conditions = sorted(set(own.values()), key=lambda c: (c.kind, c.level, c.clip))
+    eval_key = jax.random.key(config.seed + 10_000)  # each condition's noise, by its name
+    noisy = {
+        c: _corrupt(c, clean, jax.random.fold_in(eval_key, zlib.crc32(c.name.encode())))
+        for c in conditions
     }
-    clipped = bool(config.noise.clip)
-    rows = stages.rows(
-        "references",
-        lambda: _reference_rows(experiment, dataset, noisy_by_test, clean_test, clipped, log),
-    )
+    rows = [r for c in conditions for r in _references(stages, c, noisy[c], clean, score, log)]
+    if score["probe"]:
+        rows += stages.rows("probe-pixels", lambda: _pixel_probe(dataset, log))
     subsets = {
-        (r["test_kind"], r["test_level"]): int(r["images"])
-        for r in rows
-        if r["model"] == "bm3d" and r["metric"] == "psnr"
+        r["test_level"]: r["images"] for r in rows if r["model"] == "bm3d" and r["metric"] == "psnr"
     }
     examples: dict[str, Any] = {}
-    for population in dict.fromkeys(arm.population for arm in arms):
-        group = [arm for arm in arms if arm.population == population]
-        result, members = _train_population(config, group, seeds, workdir, dataset, log)
-        rows += stages.rows(
-            f"scores-{population}",
-            functools.partial(
-                _score_population,
-                experiment,
-                result,
-                members,
-                dataset,
-                noisy_by_test,
-                clean_test,
-                subsets,
-            ),  # fmt: skip
-        )
-        for k, (arm, level, seed) in enumerate(members):
-            if seed == seeds[0]:
-                noisy = noisy_by_test[arm.kind, level]
-                examples[f"{arm.name} {level:g}"] = (noisy[:6], result.model(k)(noisy[:6]))
-        log(f"{population}: trained and evaluated {len(members)} models")
-    _write(
-        workdir, experiment, config, arms, seeds, rows, examples, clean_test[:6], started, command
+    for population in dict.fromkeys(p for p, _ in where.values()):
+        members = {spec: k for spec, (p, k) in where.items() if p is population}
+        labels = {k: {**dict(spec.values), "seed": spec.seed} for spec, k in members.items()}
+        result = engine.run(
+            population.config(config), workdir / "models" / population.name,
+            population.members, dataset=dataset, log=log, figures=False, freeze_diverged=True,
+            hparams=[labels.get(k, m.record()) for k, m in enumerate(population.members)],
+        )  # fmt: skip
+        for spec, k in members.items():
+            rows += _train_rows(spec, result, k)
+        scored = functools_cache(result)
+        for c in conditions:
+            at = {str(k): spec for spec, k in members.items() if c in tested[spec]}
+            if at:
+                rows += _label(
+                    stages.get(
+                        f"scores-{population.name}-{c.name}", sorted(at, key=int),
+                        lambda ks, c=c: {
+                            k: _scores_at(scored(int(k)), noisy[c], clean, c, subsets) for k in ks
+                        },
+                    ),
+                    at,
+                )  # fmt: skip
+        if score["probe"]:
+            at = {str(k): spec for spec, k in members.items()}
+            rows += _label(
+                stages.get(
+                    f"probe-{population.name}", sorted(at, key=int),
+                    lambda ks: {k: _probe(scored(int(k)), dataset, clean) for k in ks},
+                ),
+                at,
+            )  # fmt: skip
+        for spec, k in members.items():
+            if spec.seed == specs[0].seed and len(examples) < 8:
+                examples[spec.label] = (noisy[own[spec]][:6], scored(k)(noisy[own[spec]][:6]))
+        log(f"{population.name}: trained and scored {len(members)} models")
+    results = _order(rows, specs, axes)
+    at = {spec.values: own[spec].columns() for spec in specs}
+    write(workdir, experiment, config, axes, specs, at, results, score, plot, command, started)
+    if examples:
+        from dae_jax import plots
+
+        plots.reconstructions(workdir / "figures", examples, jax.device_get(clean[:6]))
+    return results
+
+
+def functools_cache(result: Any) -> Callable[[int], Any]:
+    """Member k's model, merged once."""
+    models: dict[int, Any] = {}
+
+    def model(k: int) -> Any:
+        if k not in models:
+            models[k] = result.model(k)
+        return models[k]
+
+    return model
+
+
+def _corrupt(condition: Condition, clean: Any, key: Any) -> Any:
+    import jax.numpy as jnp
+
+    from dae_jax import corruption
+
+    level = jnp.float32(condition.level)
+    return corruption.corrupt(condition.kind, key, clean, level, clip=condition.clip)[0]
+
+
+def _mean_scores(images: Any, clean: Any) -> dict[str, float]:
+    import jax.numpy as jnp
+
+    from dae_jax import metrics
+
+    return {
+        "psnr": float(jnp.mean(metrics.psnr(images, clean))),
+        "ssim": float(jnp.mean(metrics.ssim(images, clean))),
+        "mse": float(jnp.mean(metrics.mse(images, clean))),
+    }
+
+
+def _references(stages, condition, noisy, clean, score, log) -> list[dict[str, Any]]:
+    """The noisy input and the classical denoisers tuned at this condition (BM3D too
+    for Gaussian noise with ``score["bm3d"]``, when the bm3d package is installed)."""
+    from dae_jax import baselines
+
+    def compute(_: list[str]) -> dict[str, list]:
+        at = condition.columns()
+        rows = [
+            {"model": "noisy input", **at, "metric": m, "value": v}
+            for m, v in _mean_scores(noisy, clean).items()
+        ]
+        kind = condition.kind if score["bm3d"] else ""
+        try:
+            best = baselines.best_classical(
+                noisy, clean, noise=kind, level=condition.level, clipped=condition.clip,
+                bm3d_images=bm3d_images(len(noisy)),
+            )  # fmt: skip
+        except UserError as e:
+            log(f"warning: no BM3D reference: {e}")
+            best = baselines.best_classical(noisy, clean)
+        for name, found in best.items():
+            log(
+                f"  {name} at {condition.name}: {found['psnr']:.2f} dB on {found['images']} "
+                f"images (parameter {found['parameter']:g}), {found['seconds']:.1f} s"
+            )
+            extra = {"images": found["images"]} if name == "bm3d" else {}
+            rows += [
+                {
+                    "model": name,
+                    **at,
+                    "metric": m,
+                    "value": found[m],
+                    "parameter": found["parameter"],
+                    **extra,
+                }
+                for m in METRICS
+            ]
+        return {"all": rows}
+
+    suffix = (
+        "-bm3d" if score["bm3d"] and condition.kind == "gaussian" and condition.level > 0 else ""
     )
-    return rows
+    return stages.rows(f"references-{condition.name}{suffix}", lambda: compute([])["all"])
 
 
-def _reference_rows(
-    experiment: str,
-    dataset: data.Dataset,
-    noisy_by_test: dict,
-    clean_test: jax.Array,
-    clipped: bool,
-    log: Callable[[str], None],
-) -> list[dict[str, Any]]:
-    """The raw-pixel probe, the noisy input and the classical denoisers at each test level."""
+def bm3d_images(count: int) -> int:
+    """BM3D's share of a test set: 500 of 10,000 images, a sixteenth of a small one."""
+    from dae_jax import baselines
+
+    return min(baselines.BM3D_IMAGES, count // 16)
+
+
+def _pixel_probe(dataset: Any, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    from dae_jax import baselines
+
     pixels = baselines.linear_probe(
         dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels
     )
     log(f"linear probe on raw pixels: test accuracy {pixels['test_accuracy']:.4f}")
-    rows = [
-        _row(
-            experiment,
-            "raw pixels",
-            None,
-            None,
-            None,
-            "probe_accuracy",
-            pixels["test_accuracy"],
-            test_kind="",
-            test_level="",
-        ),
-    ]
-    for (kind, level), noisy in sorted(noisy_by_test.items()):
-        at = {"test_kind": kind, "test_level": level}
-        for metric, value in _scores(noisy, clean_test).items():
-            rows.append(_row(experiment, "noisy input", None, None, None, metric, value, **at))
-        for name, best in _references(noisy, clean_test, kind, level, clipped, log).items():
-            extra = {"images": best["images"]} if name == "bm3d" else {}
-            log(
-                f"  {name} at {kind} {level:g}: {best['psnr']:.2f} dB on {best['images']} "
-                f"images (parameter {best['parameter']:g}), {best['seconds']:.1f} s"
-            )
-            for metric in METRICS:
-                rows.append(
-                    _row(
-                        experiment, name, None, None, None, metric, best[metric],
-                        parameter=best["parameter"], **extra, **at,
-                    )
-                )  # fmt: skip
-    return rows
+    return [{"model": "raw pixels", "metric": "probe_accuracy", "value": pixels["test_accuracy"]}]
 
 
-def _references(
-    noisy: jax.Array, clean: jax.Array, kind: str, level: float, clipped: bool, log: Callable
-) -> dict[str, dict[str, float]]:
-    """The classical denoisers tuned at this level; BM3D too (Gaussian noise) when the
-    bm3d package is installed, else a warning and the others."""
-    try:
-        return baselines.best_classical(
-            noisy, clean, noise=kind, level=level, clipped=clipped,
-            # 500 of 10,000 test images; a sixteenth of a small test set (--quick: 16)
-            bm3d_images=min(baselines.BM3D_IMAGES, len(noisy) // 16),
-        )  # fmt: skip
-    except UserError as e:
-        log(f"warning: no BM3D reference: {e}")
-        return baselines.best_classical(noisy, clean)
-
-
-def _train_population(
-    config: ml_collections.ConfigDict,
-    arms: list[Arm],
-    seeds: Sequence[int],
-    workdir: Path,
-    dataset: data.Dataset,
-    log: Callable[[str], None],
-):
-    """Every (arm, level, seed) of one kind and loss, trained as one resumable population."""
-    arm_config = ml_collections.ConfigDict(config.to_dict())
-    arm_config.noise.kind, arm_config.loss = arms[0].kind, arms[0].loss
-    members = [(arm, level, seed) for arm in arms for level in arm.levels for seed in seeds]
-    result = train.fit_many(
-        arm_config,
-        seeds=[seed for _, _, seed in members],
-        levels=[level for _, level, _ in members],
-        learning_rates=[
-            config.optim.learning_rate if arm.learning_rate is None else arm.learning_rate
-            for arm, _, _ in members
-        ],
-        workdir=workdir / "models" / arms[0].population,
-        dataset=dataset,
-        log=log,
-    )
-    return result, members
-
-
-def _score_population(
-    experiment: str,
-    result: train.Result,
-    members: list,
-    dataset: data.Dataset,
-    noisy_by_test: dict,
-    clean_test: jax.Array,
-    subsets: dict[tuple[str, float], int],
-) -> list[dict[str, Any]]:
-    """Each model's final train loss, its scores at every test level of its noise kind
-    (and, where BM3D was scored on the first N images only, ``*_subset`` scores on the
-    same N), and a linear probe of its codes; a diverged model's epoch is recorded too."""
-    clean_train = train.to_float(jnp.asarray(dataset.train_images))
-    rows = []
-    for k, (arm, level, seed) in enumerate(members):
-        model = result.model(k)
-
-        def add(
-            metric: str,
-            value: float,
-            test_kind: Any = "",
-            test_level: Any = "",
-            arm: Arm = arm,
-            level: float = level,
-            seed: int = seed,
-            **extra: Any,
-        ) -> None:
-            rows.append(
-                _row(
-                    experiment, arm.name, arm, level, seed, metric, value,
-                    test_kind=test_kind, test_level=test_level, **extra,
-                )
-            )  # fmt: skip
-
-        add("final_train_loss", result.final(k)["train_loss"])
-        if k in result.diverged:
-            add("diverged_in_epoch", float(result.diverged[k]["epoch"]))
-        for test_kind, test_level in sorted(noisy_by_test):
-            if test_kind == arm.kind:
-                denoised = model(noisy_by_test[test_kind, test_level])
-                for metric, value in _scores(denoised, clean_test).items():
-                    add(metric, value, test_kind, test_level)
-                n = subsets.get((test_kind, test_level))
-                if n:
-                    for metric, value in _scores(denoised[:n], clean_test[:n]).items():
-                        add(f"{metric}_subset", value, test_kind, test_level, images=n)
-        probe = baselines.linear_probe(
-            model.encode(clean_train),
-            dataset.train_labels,
-            model.encode(clean_test),
-            dataset.test_labels,
-        )
-        add("probe_accuracy", probe["test_accuracy"])
-    return rows
-
-
-# ---------------------------------------------------------------------- outputs
-
-
-def summary_table(rows: list[dict[str, Any]], arms: Sequence[Arm]) -> list[dict[str, Any]]:
-    """One line per (arm, train level): mean and std over seeds of the reconstruction's
-    PSNR and SSIM at its own level, the gain over the best classical reference there,
-    and the probe accuracy."""
-
-    def pick(**want: Any) -> list[float]:
-        return [r["value"] for r in rows if all(r.get(k) == v for k, v in want.items())]
-
-    def of_models(arm: Arm, level: float, metric: str, **at: Any) -> list[float]:
-        """The arm's values at ``level``, less those of models that diverged."""
-        return [
-            r["value"]
-            for r in rows
-            if r["model"] == arm.name
-            and r["train_level"] == level
-            and r["metric"] == metric
-            and r["seed"] not in diverged
-            and all(r.get(k) == v for k, v in at.items())
+def _scores_at(model, noisy, clean, condition: Condition, subsets) -> list[dict[str, Any]]:
+    """A model's scores at one condition; where BM3D was scored on the first N images
+    only, ``*_subset`` scores on the same N."""
+    denoised = model(noisy)
+    at = condition.columns()
+    rows = [{**at, "metric": m, "value": v} for m, v in _mean_scores(denoised, clean).items()]
+    n = subsets.get(condition.level) if condition.kind == "gaussian" else None
+    if n:
+        rows += [
+            {**at, "metric": f"{m}_subset", "value": v, "images": n}
+            for m, v in _mean_scores(denoised[:n], clean[:n]).items()
         ]
+    return rows
 
+
+def _probe(model, dataset, clean_test) -> list[dict[str, Any]]:
+    import jax.numpy as jnp
+
+    from dae_jax import baselines, step
+
+    clean_train = step.to_float(jnp.asarray(dataset.train_images))
+    if clean_train.shape[1:] != clean_test.shape[1:]:  # patches: codes of the centres
+        return []
+    probe = baselines.linear_probe(
+        model.encode(clean_train),
+        dataset.train_labels,
+        model.encode(clean_test),
+        dataset.test_labels,
+    )
+    return [{"metric": "probe_accuracy", "value": probe["test_accuracy"]}]
+
+
+def _identity(spec: Spec) -> dict[str, Any]:
+    return {"model": spec.label, **dict(spec.values), "seed": spec.seed}
+
+
+def _label(got: dict[str, list[dict[str, Any]]], at: dict[str, Spec]) -> list[dict]:
+    """A stage's rows, each with its member's identity columns."""
+    return [{**_identity(at[k]), **row} for k, rows in got.items() for row in rows]
+
+
+def _train_rows(spec: Spec, result: Any, k: int) -> list[dict[str, Any]]:
+    final = result.final(k).get("train_loss", math.nan)
+    rows = [{**_identity(spec), "metric": "final_train_loss", "value": final}]
+    if k in result.diverged:
+        epoch = float(result.diverged[k]["epoch"])
+        rows.append({**_identity(spec), "metric": "diverged_in_epoch", "value": epoch})
+    return rows
+
+
+def _order(rows: list[dict[str, Any]], specs: list[Spec], axes: list[str]) -> list[dict[str, Any]]:
+    """References first, then each spec's rows in spec order: the same order however the
+    sweep was interrupted, resumed or extended."""
+    position = {spec.label + f"|{spec.seed}": i for i, spec in enumerate(specs)}
+    refs = [r for r in rows if "seed" not in r]
+    members = [r for r in rows if "seed" in r]
+    members.sort(key=lambda r: position[r["model"] + f"|{r['seed']}"])  # stable: metric order kept
+    return refs + members
+
+
+# ------------------------------------------------------------------------ outputs
+
+CLASSICAL = ("clip", "gaussian_blur", "median_filter")
+FIELDS = (
+    "model",
+    "seed",
+    "test_kind",
+    "test_level",
+    "test_clip",
+    "metric",
+    "value",
+    "parameter",
+    "images",
+)
+
+
+def summary(
+    rows: list[dict[str, Any]], specs: list[Spec], own: dict[tuple, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One line per combination of axis values: mean and std over its seeds of the
+    reconstruction's PSNR and SSIM at its own corruption, the gain over the best
+    classical reference there, the probe accuracy; models that diverged are left out."""
+    combos: dict[tuple, list[Spec]] = {}
+    for spec in specs:
+        combos.setdefault(spec.values, []).append(spec)
     lines = []
-    for arm in arms:
-        for level in arm.levels:
-            at = {"test_kind": arm.kind, "test_level": level}
-            classical = max(
-                (pick(model=name, metric="psnr", **at) or [float("-inf")])[0]
-                for name in baselines.CLASSICAL
-            )
-            diverged = set(
-                r["seed"]
-                for r in rows
-                if r["model"] == arm.name
-                and r["train_level"] == level
-                and r["metric"] == "diverged_in_epoch"
-            )
-            psnr = of_models(arm, level, "psnr", **at)
-            lines.append(
-                {
-                    "arm": arm.name,
-                    "level": level,
-                    "psnr": report.mean_std(psnr),
-                    "ssim": report.mean_std(of_models(arm, level, "ssim", **at)),
-                    "noisy_psnr": pick(model="noisy input", metric="psnr", **at)[0],
-                    "best_classical_psnr": classical,
-                    "gain_db": (statistics.fmean(psnr) if psnr else math.nan) - classical,
-                    "probe": report.mean_std(of_models(arm, level, "probe_accuracy")),
-                    "diverged": len(diverged),
-                    "bm3d_psnr": (pick(model="bm3d", metric="psnr", **at) or [math.nan])[0],
-                    "psnr_subset": report.mean_std(of_models(arm, level, "psnr_subset", **at)),
-                    "subset_images": next(
-                        (
-                            r["images"]
-                            for r in rows
-                            if r["model"] == "bm3d"
-                            and r.get("test_level") == level
-                            and r.get("test_kind") == arm.kind
-                        ),
-                        0,
-                    ),
-                }
-            )
+    for values, seeds in combos.items():
+        label, at = seeds[0].label, own[values]
+        diverged = {
+            r["seed"] for r in rows if r["model"] == label and r["metric"] == "diverged_in_epoch"
+        }
+
+        def of_models(metric: str, **want: Any) -> list[float]:
+            return [
+                r["value"] for r in rows
+                if r["model"] == label and r["metric"] == metric and r["seed"] not in diverged
+                and all(r.get(k) == v for k, v in want.items())
+            ]  # fmt: skip
+
+        def reference(model: str, metric: str = "psnr") -> float:
+            found = [r["value"] for r in rows if r["model"] == model and r["metric"] == metric
+                     and all(r.get(k) == v for k, v in at.items())]  # fmt: skip
+            return found[0] if found else math.nan
+
+        psnr = of_models("psnr", **at)
+        classical = max((reference(name) for name in CLASSICAL), default=math.nan)
+        lines.append(
+            {
+                "values": dict(values),
+                "label": label,
+                "psnr": mean_std(psnr),
+                "ssim": mean_std(of_models("ssim", **at)),
+                "noisy_psnr": reference("noisy input"),
+                "best_classical_psnr": classical,
+                "gain_db": (statistics.fmean(psnr) if psnr else math.nan) - classical,
+                "probe": mean_std(of_models("probe_accuracy")),
+                "diverged": len(diverged),
+                "seeds": len(seeds),
+                "bm3d_psnr": reference("bm3d"),
+                "psnr_subset": mean_std(of_models("psnr_subset", **at)),
+                "subset_images": next(
+                    (r.get("images", 0) for r in rows if r["model"] == "bm3d"
+                     and all(r.get(k) == v for k, v in at.items())), 0,
+                ),
+            }
+        )  # fmt: skip
     return lines
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN, NaN for no values; std 0 for one)."""
+    values = list(values)
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _number(value: float, digits: int) -> str:
@@ -460,201 +780,391 @@ def _number(value: float, digits: int) -> str:
     return "∞" if value > 0 else "—"
 
 
-def _markdown(lines: list[dict[str, Any]], pixel_probe: float, header: str) -> str:
-    def mean_of(value: Any) -> float:
-        return value[0] if isinstance(value, tuple) else value
+def _cell(value: Any, digits: int, best: float | None = None) -> str:
+    mean, std = value if isinstance(value, tuple) else (value, None)
+    text = _number(mean, digits) + (
+        f" ± {std:.{digits}f}" if std is not None and math.isfinite(std) else ""
+    )
+    return f"**{text}**" if best is not None and mean == best else text
 
-    best = {
-        key: max(
-            (mean_of(line[key]) for line in lines if math.isfinite(mean_of(line[key]))),
-            default=None,
-        )
-        for key in ("psnr", "ssim", "gain_db", "probe")
-    }
 
-    def cell(line: dict[str, Any], key: str, digits: int) -> str:
-        value = line[key]
-        mean, std = value if isinstance(value, tuple) else (value, None)
-        text = _number(mean, digits) + (f" ± {std:.{digits}f}" if std is not None else "")
-        return f"**{text}**" if mean == best.get(key) else text
+def markdown(lines: list[dict[str, Any]], axes: list[str], rows: list[dict], score: dict) -> str:
+    """The tables: one line per combination (its axis values as columns), a pivot of the
+    DAE's PSNR over the first axis when there are two or more, and BM3D beside the DAE."""
 
+    def best(key: str) -> float | None:
+        means = [ln[key][0] if isinstance(ln[key], tuple) else ln[key] for ln in lines]
+        finite = [m for m in means if math.isfinite(m)]
+        return max(finite) if finite else None
+
+    probe = score.get("probe", True)
+    head = [*axes, "noisy PSNR", "best classical PSNR", "DAE PSNR", "gain (dB)", "DAE SSIM"]
+    head += ["linear probe acc."] if probe else []
     out = [
-        header,
-        "",
-        "| model | train = test level | noisy PSNR | best classical PSNR | DAE PSNR | "
-        "gain (dB) | DAE SSIM | linear probe acc. |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| " + " | ".join(head or ["model"]) + " |",
+        "|" + " --- |" * len(axes) + " ---: |" * (len(head) - len(axes)),
     ]
     for line in lines:
-        total = line.get("diverged", 0)
-        arm = line["arm"] + (f" ({total} diverged, left out)" if total else "")
-        out.append(
-            f"| {arm} | {line['level']:g} | {_number(line['noisy_psnr'], 2)} | "
-            f"{_number(line['best_classical_psnr'], 2)} | {cell(line, 'psnr', 2)} | "
-            f"{cell(line, 'gain_db', 2)} | {cell(line, 'ssim', 3)} | {cell(line, 'probe', 4)} |"
+        cells = [_show(line["values"][a]) for a in axes]
+        if line["diverged"]:
+            cells[-1 if cells else 0 :] = [
+                (cells[-1] if cells else "")
+                + f" ({line['diverged']} of {line['seeds']} diverged, left out)"
+            ]
+        cells += [
+            _number(line["noisy_psnr"], 2), _number(line["best_classical_psnr"], 2),
+            _cell(line["psnr"], 2, best("psnr")), _cell(line["gain_db"], 2, best("gain_db")),
+            _cell(line["ssim"], 3, best("ssim")),
+        ] + ([_cell(line["probe"], 4, best("probe"))] if probe else [])  # fmt: skip
+        out.append("| " + " | ".join(cells) + " |")
+    if len(axes) >= 2:
+        out += ["", f"DAE PSNR (dB), mean ± std over seeds, by {axes[0]}:", ""] + _pivot(
+            lines, axes
         )
-    out += _bm3d_table(lines)
+    out += _bm3d_table(lines, axes)
+    pixels = [r["value"] for r in rows if r["model"] == "raw pixels"]
+    if pixels:
+        out += ["", f"Linear probe on raw pixels: {pixels[0]:.4f}."]
     out += [
         "",
-        f"Linear probe on raw pixels: {pixel_probe:.4f}. At level 0 the input is the clean "
-        "image, so its PSNR (and clipping's) is infinite and there is no gain to report "
-        '(results.json writes it as the string "Infinity").',
+        "At level 0 the input is the clean image: its PSNR is infinite (∞) and there is no "
+        'gain to report (results.json writes it as the string "Infinity").',
     ]
     return "\n".join(out) + "\n"
 
 
-def _bm3d_table(lines: list[dict[str, Any]]) -> list[str]:
+def _pivot(lines: list[dict[str, Any]], axes: list[str]) -> list[str]:
+    columns = list(dict.fromkeys(_show(ln["values"][axes[0]]) for ln in lines))
+    rest = axes[1:]
+    table: dict[str, dict[str, str]] = {}
+    for line in lines:
+        name = ", ".join(f"{a}={_show(line['values'][a])}" for a in rest)
+        table.setdefault(name, {})[_show(line["values"][axes[0]])] = _cell(line["psnr"], 2)
+    out = [f"| {', '.join(rest)} | " + " | ".join(f"{axes[0]}={c}" for c in columns) + " |"]
+    out.append("| --- |" + " ---: |" * len(columns))
+    for name, cells in table.items():
+        out.append(f"| {name} | " + " | ".join(cells.get(c, "—") for c in columns) + " |")
+    return out
+
+
+def _bm3d_table(lines: list[dict[str, Any]], axes: list[str]) -> list[str]:
     """BM3D beside the DAE on the same images (BM3D's subset of the test set)."""
-    compared = [line for line in lines if line.get("subset_images")]
+    compared = [ln for ln in lines if ln["subset_images"] and math.isfinite(ln["bm3d_psnr"])]
     if not compared:
         return []
-    counts = sorted({line["subset_images"] for line in compared})
+    counts = sorted({ln["subset_images"] for ln in compared})
     out = [
         "",
         f"BM3D (tuned per level like the others) against the DAE on the first "
         f"{', '.join(map(str, counts))} test images, the same noisy images for both:",
         "",
-        "| model | train = test level | BM3D PSNR | DAE PSNR | DAE - BM3D (dB) |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| model | BM3D PSNR | DAE PSNR | DAE - BM3D (dB) |",
+        "| --- | ---: | ---: | ---: |",
     ]
     for line in compared:
-        mean, std = line["psnr_subset"]
+        mean, _ = line["psnr_subset"]
         out.append(
-            f"| {line['arm']} | {line['level']:g} | {_number(line['bm3d_psnr'], 2)} | "
-            f"{_number(mean, 2)} ± {std:.2f} | {_number(mean - line['bm3d_psnr'], 2)} |"
+            f"| {line['label']} | {_number(line['bm3d_psnr'], 2)} | {_cell(line['psnr_subset'], 2)} | "
+            f"{_number(mean - line['bm3d_psnr'], 2)} |"
         )
     return out
+
+
+def write(workdir, experiment, config, axes, specs, own, rows, score, plot, command, started):
+    """results.csv (tidy), results.json, results.md and the figures; one writer for all."""
+    from dae_jax import models, report
+
+    fields = ["model", *axes, *[f for f in FIELDS if f != "model"]]
+    with (workdir / "results.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fields, restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: _show(v) if k in axes else v for k, v in r.items()} for r in rows)
+    lines = summary(rows, specs, own)
+    info = {
+        "experiment": experiment,
+        "date": time.strftime("%Y-%m-%d"),
+        "seconds": time.perf_counter() - started,
+        "command": command,
+        "axes": axes,
+        "seeds": list(dict.fromkeys(s.seed for s in specs)),
+        "members": [
+            {"values": dict(s.values), "seed": s.seed, "test": own[s.values]} for s in specs
+        ],
+        "score": score,
+        "plot": plot,
+        "config": config.to_dict(),
+        "device": runfiles.device_info(),
+        "versions": runfiles.versions(),
+    }
+    device = info["device"]
+    header = (
+        f"# {experiment}\n\n"
+        + (f"Command: `{command}`\n\n" if command else "")
+        + f"{config.data.name}, model {models.describe(config)}, {config.train.epochs} epochs, "
+        f"axes {', '.join(axes) or 'none'}, seeds {info['seeds']}, mean ± std over seeds; "
+        f"{info['date']}, {report.where(device)} ({device['platform']}), jax "
+        f"{info['versions']['jax']}, {info['seconds'] / 60:.1f} min. Classical references are "
+        "tuned per level on the test images themselves (an optimistic baseline). Bold: best "
+        "in the column."
+    )
+    (workdir / "results.md").write_text(header + "\n\n" + markdown(lines, axes, rows, score))
+    (workdir / "results.json").write_text(
+        runfiles.dumps({**info, "summary": lines, "rows": rows}, indent=1, default=float) + "\n"
+    )
+    figures(workdir / "figures", rows, lines, axes, score, plot)
+
+
+def plot_axes(
+    plot: str, axes: list[str], lines: list[dict[str, Any]] | None = None
+) -> tuple[str, list[str]]:
+    """The figures' x axis and hue axes: ``x:KEY,hue:KEY`` or, by default, noise.level
+    (else the first numeric axis) on x and the other axes as hues."""
+    chosen = dict(part.split(":", 1) for part in plot.split(",") if ":" in part) if plot else {}
+    bad = [
+        p for p in plot.split(",") if p and (":" not in p or p.split(":")[0] not in ("x", "hue"))
+    ]
+    unknown = [v for v in chosen.values() if v not in axes]
+    if bad or unknown:
+        raise UserError(
+            f"--plot={plot}: give x:KEY[,hue:KEY] with keys among the axes ({', '.join(axes) or 'none'})"
+        )
+    x = chosen.get("x")
+    if x is None:
+        numeric = [
+            a
+            for a in axes
+            if lines
+            and all(
+                isinstance(ln["values"][a], int | float) and not isinstance(ln["values"][a], bool)
+                for ln in lines
+            )
+        ]
+        x = (
+            "noise.level"
+            if "noise.level" in axes
+            else (numeric[0] if numeric else (axes[0] if axes else ""))
+        )
+    hue = [chosen["hue"]] if "hue" in chosen else [a for a in axes if a != x]
+    return x, hue
+
+
+def figures(directory: Path, rows, lines, axes, score, plot) -> None:
+    from dae_jax import plots
+
+    directory.mkdir(parents=True, exist_ok=True)
+    x, hue = plot_axes(plot, axes, lines)
+    if not x:
+        return
+    plots.sweep_quality(directory / "quality.png", rows, lines, x, hue)
+    if score.get("probe", True):
+        plots.sweep_probe(directory / "probe.png", rows, lines, x, hue)
+    if score.get("matrix", True) and "noise.level" in axes:
+        plots.sweep_matrix(directory / "train_vs_test_level.png", rows, lines, hue)
 
 
 def render(workdir: str | Path) -> None:
     """Rewrites ``results.md`` and the figures from ``results.json``, without retraining."""
     workdir = Path(workdir)
     results = json.loads((workdir / "results.json").read_text())
-    arms = [
-        Arm(a["kind"], a["loss"], tuple(a["levels"]), a.get("learning_rate"))
-        for a in results["arms"]
-    ]
-    rows = [_numbers_back(r) for r in results["rows"]]  # "Infinity" too
-    header = (workdir / "results.md").read_text().split("\n\n| model |")[0]
-    lines = summary_table(rows, arms)
-    pixel_probe = next(r["value"] for r in rows if r["model"] == "raw pixels")
-    (workdir / "results.md").write_text(_markdown(lines, pixel_probe, header))
+    if "axes" not in results:
+        raise UserError(f"{workdir}/results.json was written by an older dae_jax sweep; rerun it")
+    rows = [_numbers_back(r) for r in results["rows"]]
+    specs, own = [], {}
+    for m in results["members"]:
+        specs.append(Spec(tuple((a, _tuple(m["values"][a])) for a in results["axes"]), m["seed"]))
+        own[specs[-1].values] = m["test"]
+    header = (workdir / "results.md").read_text().split("\n\n|")[0]
+    lines = summary(rows, specs, own)
+    body = markdown(lines, results["axes"], rows, results["score"])
+    (workdir / "results.md").write_text(header + "\n\n" + body)
+    figures(workdir / "figures", rows, lines, results["axes"], results["score"], results["plot"])
 
 
-def _write(
-    workdir: Path,
-    experiment: str,
-    config: ml_collections.ConfigDict,
-    arms: Sequence[Arm],
-    seeds: Sequence[int],
-    rows: list[dict[str, Any]],
-    examples: dict[str, Any],
-    clean: jax.Array,
-    started: float,
-    command: str,
-) -> None:
-    fields = [
-        "experiment",
-        "model",
-        "train_kind",
-        "train_loss",
-        "train_level",
-        "seed",
-        "test_kind",
-        "test_level",
-        "metric",
-        "value",
-        "parameter",
-        "images",
-    ]
-    with (workdir / "results.csv").open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields, restval="", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = summary_table(rows, arms)
-    pixel_probe = next(r["value"] for r in rows if r["model"] == "raw pixels")
-    info = {
-        "experiment": experiment,
-        "date": time.strftime("%Y-%m-%d"),
-        "seconds": time.perf_counter() - started,
-        "seeds": list(seeds),
-        "arms": [dataclasses.asdict(arm) for arm in arms],
-        "config": config.to_dict(),
-        "device": runfiles.device_info(),
-        "versions": runfiles.versions(),
-    }
-    header = (
-        f"# {experiment}\n\n"
-        + (f"Command: `{command}`\n\n" if command else "")
-        + f"{config.data.name}, model {models.describe(config)}, {config.train.epochs} "
-        f"epochs, seeds {list(seeds)}, mean ± std over seeds; {info['date']}, "
-        f"{report.where(info['device'])} ({info['device']['platform']}), "
-        f"jax {info['versions']['jax']}, "
-        f"{info['seconds'] / 60:.1f} min. Classical references are tuned per level on the "
-        "test images themselves (an optimistic baseline). Bold: best in the column."
-    )
-    (workdir / "results.md").write_text(_markdown(lines, pixel_probe, header))
-    (workdir / "results.json").write_text(
-        runfiles.dumps({**info, "summary": lines, "rows": rows}, indent=1, default=float) + "\n"
-    )
-    plots.sweep_figures(workdir / "figures", rows, arms, lines, examples, np.asarray(clean))
+def _tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
-# -------------------------------------------------------------- script entry
+# ------------------------------------------------------------------- command line
+
+QUICK = "1024 train / 256 test images, 1 epoch, 1 seed, the first 2 values of a grid's numeric axes"
 
 
-def cli(
-    experiment: str,
-    make_arms: Callable[[ml_collections.ConfigDict], list[Arm]],
-    owns: dict[str, str] | None = None,
-    doc: str | None = None,
-) -> None:
-    """The shared command line of the sweep scripts (``report.cli``'s flags)::
+def main(argv: Sequence[str], *, program: bool = False) -> int:
+    """``dae-jax sweep`` with ``argv`` (``argv[0]`` the program) under the crash guard;
+    returns the exit code. Parses into its own ``FlagValues``: callable in-process."""
+    from dae_jax import guard
 
-    python experiments/NAME.py --workdir=W [--config=FILE] [--config.KEY=VALUE]
-                               [--seeds=0,1,2] [--levels=...] [--learning_rates=...] [--quick]
+    return guard.run("dae-jax sweep", lambda g: command(list(argv), g), program=program)
 
-    ``--quick``: 1024 train / 256 test images, 1 epoch, 2 levels per arm, 1 seed.
-    ``--levels`` replaces every arm's levels; ``--learning_rates`` trains every arm at
-    each rate (in the same compiled program; each rate is an arm of its own in the
-    tables). The same command on the same workdir resumes an interrupted sweep.
-    """
+
+def script(grid: str) -> None:
+    """``python experiments/<grid>.py ...``: ``dae-jax sweep --grid=<grid> ...``."""
+    import sys
+
+    from dae_jax import guard
+
+    guard.install_excepthook()
+    argv = [f"experiments/{grid}.py", f"--grid={grid}", *sys.argv[1:]]
+    if any(a.lstrip("-").startswith("grid") for a in sys.argv[1:]):
+        print(f"error: --grid does not apply here: this script is the {grid} grid; "
+              "run dae-jax sweep --grid=... for another", file=sys.stderr)  # fmt: skip
+        guard.exit_quietly(2)
+    guard.exit_quietly(main(argv, program=True))
+
+
+def _define(values: Any, argv: list[str]) -> None:
     from absl import flags
 
-    flags.DEFINE_list("levels", [], "Noise levels of every arm (default: the script's).")
-    flags.DEFINE_list("learning_rates", [], "Learning rates, each an arm (default: the config's).")
+    from dae_jax.cli import DEFAULT_CONFIG
+    from dae_jax.configs import define_config_flag
 
-    def quick(config: ml_collections.ConfigDict) -> None:
-        config.data.train_size, config.data.test_size = 1024, 256
-        config.train.epochs, config.eval.batch_size = 1, 256
-
-    def run_sweep(
-        config: ml_collections.ConfigDict,
-        seeds: list[int],
-        workdir: Path,
-        quick: bool,
-        command: str,
-    ) -> None:
-        arms = make_arms(config)
-        levels = report.numbers("levels", flags.FLAGS.levels, float, "0.1,0.5")
-        rates = report.numbers("learning_rates", flags.FLAGS.learning_rates, float, "1e-3,3e-3")
-        if levels:
-            arms = [dataclasses.replace(arm, levels=tuple(levels)) for arm in arms]
-        elif quick:
-            arms = [dataclasses.replace(arm, levels=arm.levels[:2]) for arm in arms]
-            kept = "; ".join(f"{a.name}: {','.join(f'{v:g}' for v in a.levels)}" for a in arms)
-            print(f"--quick kept the first 2 levels of each arm ({kept})")
-        if rates:
-            arms = [dataclasses.replace(arm, learning_rate=r) for arm in arms for r in rates]
-        for arm in arms:  # every level and rate is valid for its arm, before anything runs
-            for level in arm.levels:
-                check = ml_collections.ConfigDict(config.to_dict())
-                check.noise.kind, check.noise.level, check.loss = arm.kind, level, arm.loss
-                if arm.learning_rate is not None:
-                    check.optim.learning_rate = arm.learning_rate
-                validate(check)
-        run(experiment, config, arms, seeds, workdir, command=command)
-
-    report.cli(
-        experiment, run_sweep, quick=quick, owns={**report.SWEPT_KEYS, **(owns or {})}, doc=doc
+    flags.DEFINE_string(
+        "workdir", None, "Directory of the sweep (resumable, extensible).", flag_values=values
     )
+    flags.DEFINE_string(
+        "grid",
+        "",
+        f"A named grid ({', '.join(grids.GRIDS)}) or a JSON grid file.",
+        flag_values=values,
+    )
+    flags.DEFINE_multi_string(
+        "axis", [], "KEY=V1,V2,...: an axis (repeatable); replaces the grid's.", flag_values=values
+    )
+    flags.DEFINE_list(
+        "seeds",
+        None,
+        "Seeds (one model per seed and combination; default 0,1,2).",
+        flag_values=values,
+    )
+    flags.DEFINE_list("levels", [], "Shorthand for --axis=noise.level=...", flag_values=values)
+    flags.DEFINE_list(
+        "learning_rates", [], "Shorthand for --axis=optim.learning_rate=...", flag_values=values
+    )
+    flags.DEFINE_bool("quick", False, f"A smoke run: {QUICK}.", flag_values=values)
+    for name, what in (("bm3d", "BM3D references"), ("probe", "linear probes of the codes"),
+                       ("matrix", "every model at every level of its noise kind")):  # fmt: skip
+        flags.DEFINE_bool(
+            name, None, f"Score {what} (default: the grid's, else on).", flag_values=values
+        )
+    flags.DEFINE_string("plot", "", "The figures' axes: x:KEY[,hue:KEY].", flag_values=values)
+    flags.DEFINE_bool("verbose", False, "Libraries' warnings on stderr too.", flag_values=values)
+    define_config_flag(argv, str(DEFAULT_CONFIG), values, lock_config=False)
+
+
+def command(argv: list[str], g: Any) -> int:
+    from absl import flags
+
+    from dae_jax import report
+    from dae_jax.cli import repeated_flag, swallowed_value
+    from dae_jax.configs import resolve_argv, validate
+
+    g.stage, g.writes_workdir = "reading the command line", True
+    argv = resolve_argv(argv)
+    singles = [a for a in argv if not a.lstrip("-").startswith("axis")]
+    problem = repeated_flag(singles) or swallowed_value(argv)
+    if problem:
+        raise UserError(problem)
+    values = flags.FlagValues()
+    g.stage = "reading the config"
+    try:
+        _define(values, argv)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(report._config_problem(argv, e)) from None
+    if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv[1:]):
+        values(argv[:1])
+        print(_help(values))
+        return 0
+    try:
+        positional = values(argv)[1:]
+        config = values.config
+        config.to_dict()
+    except flags.Error as e:
+        raise UserError(f"{report._one_line(e)} (--help lists the flags)") from None
+    except Exception as e:
+        raise UserError(report._config_problem(argv, e)) from None
+    g.verbose = values.verbose
+    if positional:
+        raise UserError(f"unexpected argument {positional[0]!r} (--help lists the flags)")
+    if not values.workdir or not values.workdir.strip():
+        raise UserError("--workdir is required: the directory of the sweep")
+    workdir = g.workdir = Path(values.workdir)
+    name, grid = load_grid(values.grid) if values.grid else ("sweep", {})
+    given = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    axes = dict(parse_axis(a, config) for a in values.axis)
+    for flag, key in (("levels", "noise.level"), ("learning_rates", "optim.learning_rate")):
+        if values[flag].value:
+            if key in axes:
+                raise UserError(f"--{flag} and --axis={key}=... say the same thing; give one")
+            axes[key] = [coerce(key, v, config) for v in values[flag].value]
+    for key, value in grid.get("config", {}).items():
+        if key in given and key not in axes:
+            raise UserError(
+                f"--config.{key} does not apply here: the {name} grid sets it ({value!r}); "
+                f"vary it with --axis={key}=..."
+            )
+        put(config, key, coerce(key, value, config))
+    prods = products(grid, axes, config)
+    for key in given:
+        if key == "seed" or any(key in p for p in prods):
+            raise UserError(
+                f"--config.{key} does not apply here: "
+                + (
+                    "the seeds are --seeds=0,1,2"
+                    if key == "seed"
+                    else f"{key} is an axis of this sweep; give its values with --axis={key}=V1,V2"
+                )  # fmt: skip
+            )
+    seeds = report.numbers(
+        "seeds", values.seeds or [str(s) for s in grid.get("seeds", [0, 1, 2])], int, "0,1,2"
+    )
+    if values.quick:
+        seeds = report.apply_quick(_quick, config, argv, seeds, seeds_given=values["seeds"].present)
+        for product in prods:
+            for key, vals in product.items():
+                numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals)
+                if key not in axes and numeric and len(vals) > 2:
+                    product[key] = vals[:2]
+                    print(f"--quick kept {key}={','.join(map(_show, vals[:2]))} of the grid's")
+    g.stage = "checking the config"
+    config = validate(config)
+    axis_names, specs = expand(prods, seeds, config)
+    plot = values.plot or grid.get("plot", "")
+    plot_axes(plot, axis_names)
+    score = {
+        s: values[s].value if values[s].value is not None else grid.get("score", {}).get(s, True)
+        for s in SCORING
+    }
+    g.stage = "loading JAX"
+    from dae_jax import engine
+
+    g.begin_work()
+    g.stage = "running the sweep"
+    runfiles.prepare_workdir(workdir)
+    engine.enable_compile_cache(config.compile_cache)
+    program = argv[0]
+    shown = ("python " + program) if program.endswith(".py") else program
+    run(name, config, axis_names, specs, workdir, score=score, plot=plot,
+        command=" ".join([shown, *argv[1:]]))  # fmt: skip
+    print(f"Results: {workdir / 'results.md'}")
+    return 0
+
+
+def _quick(config: ml_collections.ConfigDict) -> None:
+    config.data.train_size, config.data.test_size = 1024, 256
+    config.train.epochs, config.eval.batch_size = 1, 256
+
+
+def _help(values: Any) -> str:
+    doc = __doc__.split("\n\n")[0:2]
+    named = "\n".join(f"  {n}: {g.get('doc', '')}" for n, g in grids.GRIDS.items())
+    own = values.module_help(__name__) if __name__ in values.flags_by_module_dict() else ""
+    flags_text = (
+        "\n".join(
+            f"  --{f.name}: {f.help}" for f in values.flags_by_module_dict().get(__name__, [])
+        )
+        or own
+    )
+    return "\n\n".join([*doc, "grids (--grid=NAME):\n" + named, "flags:\n" + flags_text,
+                        "config keys: dae-jax train --help lists them (--config.KEY=VALUE)"])  # fmt: skip

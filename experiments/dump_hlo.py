@@ -40,11 +40,7 @@ def instructions(kind: str, models: int) -> str:
     setup = train.Setup.from_config(cfg, graphdef)
     keys = jax.random.split(jax.random.key(0), models)
     states = jax.vmap(lambda key: train.init_state(cfg, key)[1])(keys)
-    hyper = {
-        "noise.level": jnp.full((models,), 0.5),
-        "optim.learning_rate": jnp.full((models,), 1e-3),
-        "optim.weight_decay": jnp.zeros((models,)),
-    }
+    hyper = train.hyper_of([train.Member.of(cfg).mapping] * models)
     args = (
         states,
         jnp.ones((models,), bool),

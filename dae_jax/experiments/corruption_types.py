@@ -1,26 +1,17 @@
-"""Gaussian vs masking vs salt-and-pepper corruption, each over its own levels.
+"""Gaussian vs masking vs salt-and-pepper corruption, each over its levels.
 
-    python experiments/corruption_types.py --workdir=runs/corruption_types [--quick]
+    python experiments/corruption_types.py --workdir=W [--quick] [--seeds=0,1,2] [--axis=KEY=V1,V2 ...]
 
-Gaussian: sigma in {0.1, 0.25, 0.5}; masking and salt-and-pepper: fraction of pixels
-in {0.1, 0.25, 0.5}; 3 seeds each. Same evaluation and outputs as noise_sweep.py.
+The same as ``dae-jax sweep --grid=corruption_types ...`` (the grid is in dae_jax/grids.py; every
+flag of ``dae-jax sweep --help`` applies). Killed, the same command resumes it; with
+more values on an axis, it trains only the new models.
 """
 
 from dae_jax import sweep
 
-LEVELS = (0.1, 0.25, 0.5)
-
 
 def main() -> None:
-    sweep.cli(
-        "corruption_types",
-        lambda config: [
-            sweep.Arm(kind, config.loss, LEVELS)
-            for kind in ("gaussian", "masking", "salt_and_pepper")
-        ],
-        owns={"noise.kind": "this script trains every noise kind itself"},
-        doc=__doc__,
-    )
+    sweep.script("corruption_types")
 
 
 if __name__ == "__main__":
