@@ -89,7 +89,7 @@ def _series(lines, x: str, hue: Sequence[str], key: str):
     """{hue label: (x values, means, stds)} of the sweep summary ``lines``' ``key``."""
     out: dict[str, tuple[list, list, list]] = {}
     for line in lines:
-        label = ", ".join(f"{h}={_text(line['values'][h])}" for h in hue) or "DAE"
+        label = ", ".join(f"{h}={_text(line['values'][h])}" for h in hue)
         mean, std = line[key]
         if mean == mean:  # not NaN
             xs, means, stds = out.setdefault(label, ([], [], []))
@@ -107,31 +107,37 @@ def _plot_series(ax, series, prefix: str = "") -> None:
     for label, (xs, means, stds) in series.items():
         numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in xs)
         positions = xs if numeric else [_text(v) for v in xs]
-        ax.errorbar(positions, means, yerr=stds, marker="o", capsize=3, label=prefix + label)
+        shown = prefix + label if label else prefix.strip(", ")
+        ax.errorbar(positions, means, yerr=stds, marker="o", capsize=3, label=shown)
 
 
 def sweep_quality(path: Path, rows, lines, x: str, hue: Sequence[str]) -> None:
     """The DAE's PSNR and SSIM at its own corruption against the ``x`` axis, one line per
-    hue; with the noise level on x, the noisy input and the references too."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=DPI)
-    for ax, metric in zip(axes, ("psnr", "ssim"), strict=True):
-        _plot_series(ax, _series(lines, x, hue, metric), "DAE ")
-        if x == "noise.level":
-            kinds = sorted({line["values"].get("noise.kind", "") for line in lines} - {""})
+    hue; with the noise level on x, one row of panels per noise kind, with the noisy input
+    and the classical references at each level."""
+    kinds: list = [None]
+    if x == "noise.level":
+        kinds = sorted({r["test_kind"] for r in rows if r.get("test_kind")}) or [None]
+    fig, axes = plt.subplots(
+        len(kinds), 2, figsize=(12, 4.5 * len(kinds)), dpi=DPI, squeeze=False
+    )
+    for row, kind in enumerate(kinds):
+        mine = [ln for ln in lines if kind is None or ln["values"].get("noise.kind", kind) == kind]
+        own_hue = [h for h in hue if h != "noise.kind"] if len(kinds) > 1 else hue
+        for ax, metric in zip(axes[row], ("psnr", "ssim"), strict=True):
+            _plot_series(ax, _series(mine, x, own_hue, metric), "DAE ")
             for reference, style in (
                 ("noisy input", "k:"), ("clip", "--"), ("gaussian_blur", "--"),
                 ("median_filter", "--"), ("bm3d", "-."),
             ):  # fmt: skip
-                for kind in kinds or sorted({r.get("test_kind") for r in rows} - {None}):
-                    points = sorted(
-                        (r["test_level"], r["value"]) for r in rows
-                        if r["model"] == reference and r["metric"] == metric
-                        and r.get("test_kind") == kind
-                    )  # fmt: skip
-                    if points:
-                        label = reference + (f" ({kind})" if len(kinds) > 1 else "")
-                        ax.plot(*zip(*points, strict=True), style, label=label, alpha=0.7)
-        _finish_axes(ax, x, metric.upper())
+                points = sorted(
+                    (r["test_level"], r["value"]) for r in rows
+                    if kind is not None and r["model"] == reference and r["metric"] == metric
+                    and r.get("test_kind") == kind
+                )  # fmt: skip
+                if points:
+                    ax.plot(*zip(*points, strict=True), style, label=reference, alpha=0.7)
+            _finish_axes(ax, f"{x} ({kind})" if kind else x, metric.upper())
     _save(fig, path)
 
 
