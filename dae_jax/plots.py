@@ -118,9 +118,7 @@ def sweep_quality(path: Path, rows, lines, x: str, hue: Sequence[str]) -> None:
     kinds: list = [None]
     if x == "noise.level":
         kinds = sorted({r["test_kind"] for r in rows if r.get("test_kind")}) or [None]
-    fig, axes = plt.subplots(
-        len(kinds), 2, figsize=(12, 4.5 * len(kinds)), dpi=DPI, squeeze=False
-    )
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(12, 4.5 * len(kinds)), dpi=DPI, squeeze=False)
     for row, kind in enumerate(kinds):
         mine = [ln for ln in lines if kind is None or ln["values"].get("noise.kind", kind) == kind]
         own_hue = [h for h in hue if h != "noise.kind"] if len(kinds) > 1 else hue

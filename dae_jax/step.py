@@ -153,9 +153,12 @@ class Optim:
     def learning_rate(self, peak: float | jax.Array) -> optax.ScalarOrSchedule:
         if self.schedule == "constant":
             return peak
-        return optax.warmup_cosine_decay_schedule(
-            0.0, peak, min(self.warmup_steps, self.total_steps - 1), self.total_steps
+        # The shape with peak 1, scaled: optax compares the peak with 0 in Python, and a
+        # population's peak is a traced value.
+        unit = optax.warmup_cosine_decay_schedule(
+            0.0, 1.0, min(self.warmup_steps, self.total_steps - 1), self.total_steps
         )
+        return lambda step: peak * unit(step)
 
     def learning_rate_at(self, peak: float, step: int) -> float:
         """The rate the optimizer applies at ``step`` (for the logs)."""

@@ -452,7 +452,7 @@ def run(
         if new:
             log(
                 f"{experiment}: {len(specs)} models; {sum(len(p.members) for p in new)} to train "
-                f"in {len(new)} new population(s)"
+                f"in {len(new)} new population(s) (one compiled program each)"
                 + (f", the other {len(specs) - sum(len(p.members) for p in new)} are in "
                    f"the {trained} trained before" if populations else "")
             )  # fmt: skip
