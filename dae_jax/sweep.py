@@ -181,7 +181,7 @@ def products(grid: dict[str, Any], axes: dict[str, list[Any]], base) -> list[dic
         typed = {}
         for key, values in product.items():
             check_axis_key(key, base)
-            if not isinstance(values, list) or not values:
+            if not isinstance(values, list | tuple) or not values:
                 raise UserError(f"grid axis {key}: give a non-empty list of values")
             typed[key] = [coerce(key, v, base) for v in values]
         out.append({**typed, **axes})
@@ -427,8 +427,8 @@ class Condition:
 def run(
     experiment: str,
     config: ml_collections.ConfigDict,
-    axes: list[str],
-    specs: list[Spec],
+    axes: dict[str, Sequence[Any]] | Sequence[dict[str, Sequence[Any]]],
+    seeds: Sequence[int],
     workdir: str | Path,
     *,
     score: dict[str, bool] | None = None,
@@ -436,11 +436,16 @@ def run(
     log: Callable[[str], None] = print,
     command: str = "",
 ) -> list[dict[str, Any]]:
-    """Trains what ``specs`` need and is not trained yet, scores every spec, and writes
-    the results; returns their rows. Resumable and extensible on the same workdir."""
+    """Trains what the sweep needs and is not trained yet, scores every model, and writes
+    the results; returns their rows. ``axes``: config key -> values (a product), or a list
+    of those (their union); every combination is trained with each seed. ``score``
+    turns stages off: ``{"bm3d": False, "probe": False, "matrix": False}``. Resumable and
+    extensible on the same workdir."""
     from dae_jax.configs import validate
 
     score = {name: True for name in SCORING} | (score or {})
+    union = [axes] if isinstance(axes, dict) else list(axes)
+    names, specs = expand(products({"union": [dict(p) for p in union]}, {}, config), seeds, config)
     for spec in specs:  # every member is valid, before anything runs
         validate(spec.config(config))
     workdir = Path(workdir)
@@ -460,7 +465,7 @@ def run(
             _save_manifest(workdir, config, populations)
         else:
             log(f"{experiment}: all {len(specs)} models are planned already; resuming")
-        return _run(experiment, config, axes, specs, where, workdir, score, plot, log, command)
+        return _run(experiment, config, names, specs, where, workdir, score, plot, log, command)
 
 
 def _run(experiment, config, axes, specs, where, workdir, score, plot, log, command):
@@ -1074,6 +1079,9 @@ def command(argv: list[str], g: Any) -> int:
         raise UserError(report._config_problem(argv, e)) from None
     if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv[1:]):
         values(argv[:1])
+        grid = next((a.split("=", 1)[1] for a in argv if a.startswith("--grid=")), "")
+        if grid in grids.GRIDS:
+            print(f"{grid}: {grids.GRIDS[grid].get('doc', '')} (--grid={grid})\n")
         print(_help(values))
         return 0
     try:
@@ -1129,9 +1137,8 @@ def command(argv: list[str], g: Any) -> int:
                     print(f"--quick kept {key}={','.join(map(_show, vals[:2]))} of the grid's")
     g.stage = "checking the config"
     config = validate(config)
-    axis_names, specs = expand(prods, seeds, config)
     plot = values.plot or grid.get("plot", "")
-    plot_axes(plot, axis_names)
+    plot_axes(plot, expand(prods, seeds, config)[0])
     score = {
         s: values[s].value if values[s].value is not None else grid.get("score", {}).get(s, True)
         for s in SCORING
@@ -1145,7 +1152,7 @@ def command(argv: list[str], g: Any) -> int:
     engine.enable_compile_cache(config.compile_cache)
     program = argv[0]
     shown = ("python " + program) if program.endswith(".py") else program
-    run(name, config, axis_names, specs, workdir, score=score, plot=plot,
+    run(name, config, prods, seeds, workdir, score=score, plot=plot,
         command=" ".join([shown, *argv[1:]]))  # fmt: skip
     print(f"Results: {workdir / 'results.md'}")
     return 0

@@ -910,8 +910,7 @@ def sweep_from_a_plain_script(ctx: Context) -> Outcome:
         "config = default.get_config()\nconfig.data.name = 'synthetic'\n"
         "config.data.train_size, config.data.test_size, config.train.epochs = 1024, 256, 1\n"
         f"config.compile_cache = {str(ctx.cache)!r}\n"
-        "arms = [sweep.Arm('gaussian', 'mse', (0.5,))]\n"
-        f"sweep.run('plain', config, arms, [0], {str(d / 'w')!r})\n"
+        f"sweep.run('plain', config, {{'noise.level': [0.5]}}, [0], {str(d / 'w')!r})\n"
     )
     result = run(ctx, [str(d / "plain.py")], timeout=600)
     return judge("sweep_from_a_plain_script", result, rc=0, lines=0)

@@ -467,12 +467,11 @@ def test_a_sweep_runs_on_colour_images_with_bm3d_in_colour(tmp_path):
     config = tiny_config(**{**CIFAR, "data.train_size": 64, "model.channels": (4, 8)})
     with tfds.testing.mock_data(num_examples=64):
         rows = sweep.run(
-            "noise_sweep", config, [sweep.Arm("gaussian", "mse", (0.2,))], [0], tmp_path,
-            log=lambda _: None,
-        )  # fmt: skip
+            "noise_sweep", config, {"noise.level": [0.2]}, [0], tmp_path, log=lambda _: None
+        )
     bm3d = [r for r in rows if r["model"] == "bm3d" and r["metric"] == "psnr"]
     assert bm3d and all(np.isfinite(r["value"]) for r in bm3d)
-    assert any(r["model"] == "gaussian/mse" for r in rows)
+    assert any(r["model"] == "noise.level=0.2" and r["metric"] == "psnr" for r in rows)
     with Image.open(tmp_path / "figures" / "reconstructions.png") as figure:
         pixels = np.asarray(figure.convert("RGB"), np.int16)
     assert (np.abs(pixels[..., 0] - pixels[..., 2]) > 30).any()  # colour, not gray
