@@ -34,6 +34,8 @@ USAGE = """\
 usage: dae-jax train    --workdir=W [--config=NAME|FILE|W0] [--config.KEY=VALUE ...]
        dae-jax evaluate --workdir=W [--noise.kind=KIND] [--noise.level=LEVEL] [--model=K]
        dae-jax denoise  --workdir=W --output=DIR [--invert] [--model=K] IMAGE...
+       dae-jax sweep    --workdir=W [--grid=NAME|FILE] [--axis=KEY=V1,V2 ...] [--seeds=0,1,2]
+       dae-jax table    W1 [W2 ...] [--csv=FILE]
        dae-jax COMMAND --help    (that command's flags; train's lists every config key)
        dae-jax --version
        every command takes --verbose (libraries' warnings on stderr, not only in W/logs/);
@@ -45,6 +47,9 @@ commands:
   evaluate  test loss, PSNR and SSIM of the trained model, under its own corruption
             or another; writes W/evaluation/KIND-LEVEL.json
   denoise   denoise image files (PNG/JPEG/TIFF..., any size) into DIR
+  sweep     train and score many models: any config key an axis, a product or a named grid
+            (noise_sweep, corruption_types, loss_comparison, ...); resumable, extensible
+  table     one table of trained runs and sweeps, with the config keys that differ as columns
 
 configs by name: --config=default (the default), --config=seed (the tutorial);
 or a Python file with get_config(); or a past run's W0/config.json (or W0) to repeat it
@@ -378,7 +383,9 @@ def _main(argv: Sequence[str], g: guard.Guard) -> int:
     command = argv[1]
     if command not in COMMANDS:
         return _error(
-            f"unknown command {command!r}; use one of: {', '.join(COMMANDS)} (dae-jax --help)", 2
+            f"unknown command {command!r}; use one of: {', '.join([*COMMANDS, *OWN_FLAGS])} "
+            "(dae-jax --help)",
+            2,
         )
     g.stage = "reading the command line"
     g.writes_workdir = command == "train"

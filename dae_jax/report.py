@@ -126,13 +126,6 @@ def write(
     )
 
 
-# Config keys a sweep sets per model itself, and the flag that gives them instead.
-SWEPT_KEYS = {
-    "seed": "a sweep sets it per model: give --seeds=0,1,2",
-    "noise.level": "a sweep sets it per model: give --levels=0.1,0.5",
-}
-
-
 def _config_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     lines = []
     for key, value in config.items():
