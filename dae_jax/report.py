@@ -11,6 +11,7 @@ header saying how the numbers were made, then the script's table) and ``figures/
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import statistics
 import sys
@@ -136,26 +137,98 @@ def _config_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[st
     return lines
 
 
-def _help(experiment: str, config: ml_collections.ConfigDict, doc: str | None) -> str:
-    from absl import flags
-
-    doc = (doc or experiment).strip()
+def _help(doc: str, values: Any) -> str:
     own = [
-        flags.FLAGS.module_help(module)
-        for module in flags.FLAGS.flags_by_module_dict()
-        if module == sys.argv[0] or module.startswith("dae_jax")
+        f"  --{flag.name}: {flag.help}"
+        for module_flags in values.flags_by_module_dict().values()
+        for flag in module_flags
+        if flag.name != "config"
     ]
+    keys = "\n".join(_config_keys(values.config))
     return "\n\n".join(
-        [doc, "flags:", *own, "config keys (defaults):", "\n".join(_config_keys(config))]
+        [doc.strip(), "flags:\n" + "\n".join(own), "config keys (defaults):\n" + keys]
     )
 
 
-def _refuse_owned(argv: Sequence[str], owns: Mapping[str, str]) -> None:
-    """A ``--config.KEY`` that the script sets itself is refused, naming what to use."""
-    for arg in argv[1:]:
-        key = arg[len("--config.") :].split("=", 1)[0] if arg.startswith("--config.") else ""
-        if key in owns:
-            raise UserError(f"--config.{key} does not apply here: {owns[key]}")
+@dataclasses.dataclass
+class Command:
+    """An experiment's parsed command line (its own ``FlagValues`` in ``flags``)."""
+
+    flags: Any
+    config: ml_collections.ConfigDict
+    seeds: list[int]
+    workdir: Path
+    command: str
+    argv: list[str]
+
+
+def parse(
+    argv: Sequence[str],
+    g: Any,
+    *,
+    doc: str,
+    quick: Callable[[ml_collections.ConfigDict], None],
+    define: Callable[[Any], None] | None = None,
+    default_config: str | None = None,
+    repeatable: Sequence[str] = (),
+) -> Command | None:
+    """The command line every experiment shares, parsed into its own ``FlagValues`` (so
+    a test can run it in process): ``--workdir``, ``--seeds``, ``--quick``,
+    ``--verbose``, ``--config`` with its overrides, and the flags ``define(values)``
+    adds. ``--quick`` (``quick(config)``) fills only the keys the command line does not
+    set. Returns None after printing ``--help``; a mistake raises a ``UserError``."""
+    from absl import flags
+
+    from dae_jax.cli import DEFAULT_CONFIG, repeated_flag, swallowed_value
+    from dae_jax.configs import define_config_flag, resolve_argv
+
+    g.stage, g.writes_workdir = "reading the command line", True
+    argv = resolve_argv(argv)  # --config=seed: the installed config
+    single = [a for a in argv if a.lstrip("-").split("=", 1)[0] not in repeatable]
+    problem = repeated_flag(single) or swallowed_value(argv)
+    if problem:
+        raise UserError(problem)
+    values = flags.FlagValues()
+    kw = {"flag_values": values}
+    flags.DEFINE_string("workdir", None, "Directory of the results (resumable).", **kw)
+    flags.DEFINE_list("seeds", None, "Seeds: one model per seed and setting (default 0,1,2).", **kw)
+    flags.DEFINE_bool("quick", False, "A smoke run: tiny data, 1 epoch, 1 seed.", **kw)
+    flags.DEFINE_bool("verbose", False, "Libraries' warnings on stderr too.", **kw)
+    if define is not None:
+        define(values)
+    g.stage = "reading the config"
+    try:  # the config file is loaded, and its overrides applied, as it is defined
+        define_config_flag(argv, default_config or str(DEFAULT_CONFIG), values, lock_config=False)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(_config_problem(argv, e)) from None
+    if any(arg in ("-h", "--help", "-help", "--helpshort", "--helpfull") for arg in argv[1:]):
+        values(argv[:1])
+        print(_help(doc, values))
+        return None
+    try:
+        positional = values(argv)[1:]
+        config = values.config
+        config.to_dict()
+    except flags.Error as e:
+        raise UserError(f"{_one_line(e)} (--help lists the flags)") from None
+    except Exception as e:  # a config file or an override can raise anything
+        raise UserError(_config_problem(argv, e)) from None
+    g.verbose = values.verbose
+    if positional:
+        raise UserError(f"unexpected argument {positional[0]!r} (--help lists the flags)")
+    value = values.workdir
+    if not value:
+        raise UserError("--workdir is required: the directory the results go to")
+    if not value.strip():
+        raise UserError(f"--workdir={value!r} is blank; give the directory the results go to")
+    g.workdir = Path(value)
+    seeds = numbers("seeds", values.seeds or ["0", "1", "2"], int, "0,1,2")
+    if values.quick:
+        seeds = apply_quick(quick, config, argv, seeds, seeds_given=values["seeds"].present)
+    shown = ("python " + argv[0]) if argv[0].endswith(".py") else argv[0]
+    return Command(values, config, seeds, Path(value), " ".join([shown, *argv[1:]]), argv)
 
 
 def cli(
@@ -163,109 +236,63 @@ def cli(
     run: Callable[..., None],
     *,
     quick: Callable[[ml_collections.ConfigDict], None],
-    owns: Mapping[str, str] | None = None,
+    define: Callable[[Any], None] | None = None,
     doc: str | None = None,
     default_config: str | None = None,
-) -> None:
-    """An absl main: parses the shared flags, validates the config, then calls
-    ``run(config=..., seeds=..., workdir=..., quick=..., command=...)``; a user mistake
-    ends in one line on stderr, anything unexpected in one line naming a crash log
-    (``dae_jax.guard``). ``quick(config)`` shrinks the config for ``--quick``, which only
-    fills the keys the command line does not set (and says what it set); ``owns`` maps
-    the config keys the script sets itself to what the user gives instead (they are
-    refused as ``--config.KEY``); ``doc`` (the script's docstring) opens ``--help``;
-    ``default_config`` is the ``--config`` file when none is given (default.py)."""
+    argv: Sequence[str] | None = None,
+) -> int:
+    """An experiment script's main: parses its command line (``parse``), validates the
+    config, then calls ``run(config=, seeds=, workdir=, quick=, command=, flags=)``. A
+    user mistake ends in one line on stderr, anything unexpected in one line naming a
+    crash log (``dae_jax.guard``). With ``argv`` it runs in this process and returns the
+    exit code; without, it is the program (``sys.argv``) and exits with it."""
     from dae_jax import guard
 
-    guard.install_excepthook()
-    code = guard.run(
-        f"experiments/{experiment}.py",
-        lambda g: _cli(g, experiment, run, quick, owns or {}, doc, default_config),
-        program=True,
-    )
-    guard.exit_quietly(code)
+    name = f"experiments/{experiment}.py"
 
-
-def _cli(
-    g: Any,
-    experiment: str,
-    run: Callable[..., None],
-    quick: Callable[[ml_collections.ConfigDict], None],
-    owns: Mapping[str, str],
-    doc: str | None,
-    default_config: str | None,
-) -> int:
-    from absl import flags
-
-    from dae_jax.cli import DEFAULT_CONFIG, repeated_flag, swallowed_value
-    from dae_jax.configs import define_config_flag, resolve_argv, validate
-
-    g.stage, g.writes_workdir = "reading the command line", True
-    flags.DEFINE_string("workdir", None, "Directory for results and figures (resumable).")
-    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (one model per seed and setting).")
-    flags.DEFINE_bool("quick", False, "Tiny data, few epochs, one seed: a smoke run.")
-    flags.DEFINE_bool("verbose", False, "Libraries' warnings (absl, orbax) on stderr too.")
-    argv = sys.argv = resolve_argv(sys.argv)  # --config=seed: the installed config
-    problem = repeated_flag(argv) or swallowed_value(argv)
-    if problem:
-        raise UserError(problem)
-    command = " ".join(["python", f"experiments/{experiment}.py", *argv[1:]])
-    g.stage = "reading the config"
-    try:  # the config file is loaded, and its overrides applied, as it is defined
-        define_config_flag(argv, default_config or str(DEFAULT_CONFIG), lock_config=False)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(_config_problem(argv, e)) from None
-    if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv[1:]):
-        flags.FLAGS(argv[:1])
-        print(_help(experiment, flags.FLAGS.config, doc))
+    def body(g: Any) -> int:
+        parsed = parse(
+            [name, *(sys.argv[1:] if argv is None else argv)], g, doc=doc or experiment,
+            quick=quick, define=define, default_config=default_config,
+        )  # fmt: skip
+        if parsed is None:
+            return 0
+        start(g, parsed)
+        run(
+            config=parsed.config, seeds=parsed.seeds, workdir=parsed.workdir,
+            quick=parsed.flags.quick, command=parsed.command, flags=parsed.flags,
+        )  # fmt: skip
+        print(f"Results: {parsed.workdir / 'results.md'}")
         return 0
-    _refuse_owned(argv, owns)
-    try:
-        positional = flags.FLAGS(argv)[1:]
-        config = flags.FLAGS.config
-        config.to_dict()
-    except flags.Error as e:
-        raise UserError(f"{_one_line(e)} (--help lists the flags)") from None
-    except Exception as e:  # a config file or an override can raise anything
-        raise UserError(_config_problem(argv, e)) from None
-    g.verbose = flags.FLAGS.verbose
-    if positional:
-        raise UserError(f"unexpected argument {positional[0]!r} (--help lists the flags)")
-    value = flags.FLAGS.workdir
-    if not value:
-        raise UserError("--workdir is required: the directory the results go to")
-    if not value.strip():
-        raise UserError(f"--workdir={value!r} is blank; give the directory the results go to")
-    workdir = g.workdir = Path(value)
-    seeds = numbers("seeds", flags.FLAGS.seeds, int, "0,1,2")
-    if flags.FLAGS.quick:
-        seeds = apply_quick(
-            quick, config, argv, seeds, seeds_given=bool(flags.FLAGS["seeds"].present)
-        )
+
+    if argv is not None:
+        return guard.run(name, body)
+    guard.install_excepthook()
+    guard.exit_quietly(guard.run(name, body, program=True))
+    return 0  # not reached
+
+
+def start(g: Any, parsed: Command) -> None:
+    """Validates the config, loads JAX, prepares the workdir: the work begins."""
+    from dae_jax.configs import validate
+
     g.stage = "checking the config"
-    validate(config)
+    parsed.config = validate(parsed.config)
     g.stage = "loading JAX"
     from dae_jax import engine
 
     g.begin_work()
-    g.stage = "running the experiment"
-    runfiles.prepare_workdir(workdir)
-    engine.enable_compile_cache(config.compile_cache)
-    run(config=config, seeds=seeds, workdir=workdir, quick=flags.FLAGS.quick, command=command)
-    print(f"Results: {workdir / 'results.md'}")
-    return 0
+    g.stage = f"running {parsed.argv[0]}"
+    runfiles.prepare_workdir(parsed.workdir)
+    engine.enable_compile_cache(parsed.config.compile_cache)
 
 
 def quick_or_given(
-    name: str, quick_value: Any, quick: bool, say: Callable[[str], None] = print
+    values: Any, name: str, quick_value: Any, quick: bool, say: Callable[[str], None] = print
 ) -> Any:
     """A script flag's value: ``--quick``'s smaller one unless the flag was given (then
     the given value wins); says what it set."""
-    from absl import flags
-
-    holder = flags.FLAGS[name]
+    holder = values[name]
     if quick and not holder.present:
         shown = ",".join(map(str, quick_value)) if isinstance(quick_value, list) else quick_value
         say(f"--quick set --{name}={shown}")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import ast
 import csv
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -48,7 +49,11 @@ from dae_jax import checkpointing, grids, runfiles
 from dae_jax.errors import UserError
 
 METRICS = ("psnr", "ssim", "mse")
-SCORING = ("bm3d", "probe", "matrix")
+SCORING = {  # the scoring stages a sweep may turn off
+    "bm3d": "BM3D references",
+    "probe": "linear probes of the codes",
+    "matrix": "every model at every level of its noise kind",
+}
 # Keys a sweep's resume may change (speed and logging), left out of its base config.
 SPEED_KEYS = ("compile_cache", "train.log_every", "train.scan_unroll", "profile_steps")
 REFERENCE_MODELS = ("noisy input", "clip", "gaussian_blur", "median_filter", "bm3d")
@@ -82,7 +87,8 @@ def check_axis_key(key: str, base: ml_collections.ConfigDict) -> None:
         ) from None
     if isinstance(value, ml_collections.ConfigDict):
         raise UserError(
-            f"--axis={key}=...: {key} is a section; give one of its keys, e.g. {key}.{next(iter(value))}"
+            f"--axis={key}=...: {key} is a section; give one of its keys, e.g. "
+            f"{key}.{next(iter(value))}"
         )
     if key == "seed":
         raise UserError("--axis=seed=... : the seeds are their own flag: give --seeds=0,1,2")
@@ -162,11 +168,11 @@ def load_grid(spec: str) -> tuple[str, dict[str, Any]]:
         grid = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"--grid={spec} is not readable JSON ({e})") from None
-    allowed = {"axes", "union", "config", "score", "plot", "doc", "seeds"}
+    allowed = {"axes", "union", "config", "score", "plot", "doc"}
     if not isinstance(grid, dict) or set(grid) - allowed or ("axes" in grid) == ("union" in grid):
         raise UserError(
             f'--grid={spec}: a grid is a JSON object with either "axes" (key -> values) or '
-            f'"union" (a list of those), and optionally {", ".join(sorted(allowed - {"axes", "union"}))}'
+            '"union" (a list of those), and optionally config, score, plot, doc'
         )
     return path.stem, grid
 
@@ -443,7 +449,7 @@ def run(
     extensible on the same workdir."""
     from dae_jax.configs import validate
 
-    score = {name: True for name in SCORING} | (score or {})
+    score = dict.fromkeys(SCORING, True) | (score or {})
     union = [axes] if isinstance(axes, dict) else list(axes)
     names, specs = expand(products({"union": [dict(p) for p in union]}, {}, config), seeds, config)
     for spec in specs:  # every member is valid, before anything runs
@@ -518,7 +524,7 @@ def _run(experiment, config, axes, specs, where, workdir, score, plot, log, comm
                 rows += _label(
                     stages.get(
                         f"scores-{population.name}-{c.name}", sorted(at, key=int),
-                        lambda ks, c=c: {
+                        lambda ks, c=c, scored=scored: {
                             k: _scores_at(scored(int(k)), noisy[c], clean, c, subsets) for k in ks
                         },
                     ),
@@ -529,7 +535,9 @@ def _run(experiment, config, axes, specs, where, workdir, score, plot, log, comm
             rows += _label(
                 stages.get(
                     f"probe-{population.name}", sorted(at, key=int),
-                    lambda ks: {k: _probe(scored(int(k)), dataset, clean) for k in ks},
+                    lambda ks, scored=scored: {
+                        k: _probe(scored(int(k)), dataset, clean) for k in ks
+                    },
                 ),
                 at,
             )  # fmt: skip
@@ -733,35 +741,24 @@ def summary(
         diverged = {
             r["seed"] for r in rows if r["model"] == label and r["metric"] == "diverged_in_epoch"
         }
-
-        def of_models(metric: str, **want: Any) -> list[float]:
-            return [
-                r["value"] for r in rows
-                if r["model"] == label and r["metric"] == metric and r["seed"] not in diverged
-                and all(r.get(k) == v for k, v in want.items())
-            ]  # fmt: skip
-
-        def reference(model: str, metric: str = "psnr") -> float:
-            found = [r["value"] for r in rows if r["model"] == model and r["metric"] == metric
-                     and all(r.get(k) == v for k, v in at.items())]  # fmt: skip
-            return found[0] if found else math.nan
-
-        psnr = of_models("psnr", **at)
+        of_models = functools.partial(_pick, rows, diverged, model=label)
+        reference = functools.partial(_first, rows, **at)
+        psnr = of_models(metric="psnr", **at)
         classical = max((reference(name) for name in CLASSICAL), default=math.nan)
         lines.append(
             {
                 "values": dict(values),
                 "label": label,
                 "psnr": mean_std(psnr),
-                "ssim": mean_std(of_models("ssim", **at)),
+                "ssim": mean_std(of_models(metric="ssim", **at)),
                 "noisy_psnr": reference("noisy input"),
                 "best_classical_psnr": classical,
                 "gain_db": (statistics.fmean(psnr) if psnr else math.nan) - classical,
-                "probe": mean_std(of_models("probe_accuracy")),
+                "probe": mean_std(of_models(metric="probe_accuracy")),
                 "diverged": len(diverged),
                 "seeds": len(seeds),
                 "bm3d_psnr": reference("bm3d"),
-                "psnr_subset": mean_std(of_models("psnr_subset", **at)),
+                "psnr_subset": mean_std(of_models(metric="psnr_subset", **at)),
                 "subset_images": next(
                     (r.get("images", 0) for r in rows if r["model"] == "bm3d"
                      and all(r.get(k) == v for k, v in at.items())), 0,
@@ -769,6 +766,20 @@ def summary(
             }
         )  # fmt: skip
     return lines
+
+
+def _pick(rows: list[dict[str, Any]], leave_out: set, **want: Any) -> list[float]:
+    """The values of the rows that match ``want``, less those of the seeds left out."""
+    return [
+        r["value"]
+        for r in rows
+        if r.get("seed") not in leave_out and all(r.get(k) == v for k, v in want.items())
+    ]
+
+
+def _first(rows: list[dict[str, Any]], model: str, metric: str = "psnr", **at: Any) -> float:
+    """A reference's value at a test condition (NaN when it has none there)."""
+    return (_pick(rows, set(), model=model, metric=metric, **at) or [math.nan])[0]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -869,7 +880,8 @@ def _bm3d_table(lines: list[dict[str, Any]], axes: list[str]) -> list[str]:
     for line in compared:
         mean, _ = line["psnr_subset"]
         out.append(
-            f"| {line['label']} | {_number(line['bm3d_psnr'], 2)} | {_cell(line['psnr_subset'], 2)} | "
+            f"| {line['label']} | {_number(line['bm3d_psnr'], 2)} | "
+            f"{_cell(line['psnr_subset'], 2)} | "
             f"{_number(mean - line['bm3d_psnr'], 2)} |"
         )
     return out
@@ -931,7 +943,8 @@ def plot_axes(
     unknown = [v for v in chosen.values() if v not in axes]
     if bad or unknown:
         raise UserError(
-            f"--plot={plot}: give x:KEY[,hue:KEY] with keys among the axes ({', '.join(axes) or 'none'})"
+            f"--plot={plot}: give x:KEY[,hue:KEY] with keys among the axes "
+            f"({', '.join(axes) or 'none'})"
         )
     x = chosen.get("x")
     if x is None:
@@ -991,8 +1004,6 @@ def _tuple(value: Any) -> Any:
 
 # ------------------------------------------------------------------- command line
 
-QUICK = "1024 train / 256 test images, 1 epoch, 1 seed, the first 2 values of a grid's numeric axes"
-
 
 def main(argv: Sequence[str], *, program: bool = False) -> int:
     """``dae-jax sweep`` with ``argv`` (``argv[0]`` the program) under the crash guard;
@@ -1017,87 +1028,37 @@ def script(grid: str) -> None:
     guard.exit_quietly(main(argv, program=True))
 
 
-def _define(values: Any, argv: list[str]) -> None:
+def _define(values: Any) -> None:
     from absl import flags
 
-    from dae_jax.cli import DEFAULT_CONFIG
-    from dae_jax.configs import define_config_flag
-
+    kw = {"flag_values": values}
     flags.DEFINE_string(
-        "workdir", None, "Directory of the sweep (resumable, extensible).", flag_values=values
+        "grid", "", f"A named grid ({', '.join(grids.GRIDS)}) or a JSON file.", **kw
     )
-    flags.DEFINE_string(
-        "grid",
-        "",
-        f"A named grid ({', '.join(grids.GRIDS)}) or a JSON grid file.",
-        flag_values=values,
-    )
-    flags.DEFINE_multi_string(
-        "axis", [], "KEY=V1,V2,...: an axis (repeatable); replaces the grid's.", flag_values=values
-    )
-    flags.DEFINE_list(
-        "seeds",
-        None,
-        "Seeds (one model per seed and combination; default 0,1,2).",
-        flag_values=values,
-    )
-    flags.DEFINE_list("levels", [], "Shorthand for --axis=noise.level=...", flag_values=values)
-    flags.DEFINE_list(
-        "learning_rates", [], "Shorthand for --axis=optim.learning_rate=...", flag_values=values
-    )
-    flags.DEFINE_bool("quick", False, f"A smoke run: {QUICK}.", flag_values=values)
-    for name, what in (("bm3d", "BM3D references"), ("probe", "linear probes of the codes"),
-                       ("matrix", "every model at every level of its noise kind")):  # fmt: skip
+    flags.DEFINE_multi_string("axis", [], "KEY=V1,V2,...: an axis (repeatable).", **kw)
+    flags.DEFINE_list("levels", [], "Shorthand for --axis=noise.level=...", **kw)
+    flags.DEFINE_list("learning_rates", [], "Shorthand for --axis=optim.learning_rate=...", **kw)
+    for name in SCORING:
         flags.DEFINE_bool(
-            name, None, f"Score {what} (default: the grid's, else on).", flag_values=values
+            name, None, f"Score {SCORING[name]} (default: the grid's, else on).", **kw
         )
-    flags.DEFINE_string("plot", "", "The figures' axes: x:KEY[,hue:KEY].", flag_values=values)
-    flags.DEFINE_bool("verbose", False, "Libraries' warnings on stderr too.", flag_values=values)
-    define_config_flag(argv, str(DEFAULT_CONFIG), values, lock_config=False)
+    flags.DEFINE_string("plot", "", "The figures' axes: x:KEY[,hue:KEY].", **kw)
 
 
 def command(argv: list[str], g: Any) -> int:
-    from absl import flags
-
     from dae_jax import report
-    from dae_jax.cli import repeated_flag, swallowed_value
-    from dae_jax.configs import resolve_argv, validate
 
-    g.stage, g.writes_workdir = "reading the command line", True
-    argv = resolve_argv(argv)
-    singles = [a for a in argv if not a.lstrip("-").startswith("axis")]
-    problem = repeated_flag(singles) or swallowed_value(argv)
-    if problem:
-        raise UserError(problem)
-    values = flags.FlagValues()
-    g.stage = "reading the config"
-    try:
-        _define(values, argv)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(report._config_problem(argv, e)) from None
-    if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv[1:]):
-        values(argv[:1])
-        grid = next((a.split("=", 1)[1] for a in argv if a.startswith("--grid=")), "")
-        if grid in grids.GRIDS:
-            print(f"{grid}: {grids.GRIDS[grid].get('doc', '')} (--grid={grid})\n")
-        print(_help(values))
+    grid_name = next((a.split("=", 1)[1] for a in argv if a.startswith("--grid=")), "")
+    doc = "\n\n".join(__doc__.split("\n\n")[:2])
+    doc += "\n\ngrids (--grid=NAME):\n" + "\n".join(
+        f"  {n}: {grid.get('doc', '')}" for n, grid in grids.GRIDS.items()
+    )
+    if grid_name in grids.GRIDS:
+        doc = f"{grid_name}: {grids.GRIDS[grid_name].get('doc', '')}\n\n{doc}"
+    parsed = report.parse(argv, g, doc=doc, quick=_quick, define=_define, repeatable=("axis",))
+    if parsed is None:
         return 0
-    try:
-        positional = values(argv)[1:]
-        config = values.config
-        config.to_dict()
-    except flags.Error as e:
-        raise UserError(f"{report._one_line(e)} (--help lists the flags)") from None
-    except Exception as e:
-        raise UserError(report._config_problem(argv, e)) from None
-    g.verbose = values.verbose
-    if positional:
-        raise UserError(f"unexpected argument {positional[0]!r} (--help lists the flags)")
-    if not values.workdir or not values.workdir.strip():
-        raise UserError("--workdir is required: the directory of the sweep")
-    workdir = g.workdir = Path(values.workdir)
+    values, config, argv = parsed.flags, parsed.config, parsed.argv
     name, grid = load_grid(values.grid) if values.grid else ("sweep", {})
     given = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
     axes = dict(parse_axis(a, config) for a in values.axis)
@@ -1124,54 +1085,31 @@ def command(argv: list[str], g: Any) -> int:
                     else f"{key} is an axis of this sweep; give its values with --axis={key}=V1,V2"
                 )  # fmt: skip
             )
-    seeds = report.numbers(
-        "seeds", values.seeds or [str(s) for s in grid.get("seeds", [0, 1, 2])], int, "0,1,2"
-    )
     if values.quick:
-        seeds = report.apply_quick(_quick, config, argv, seeds, seeds_given=values["seeds"].present)
         for product in prods:
             for key, vals in product.items():
                 numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals)
                 if key not in axes and numeric and len(vals) > 2:
                     product[key] = vals[:2]
                     print(f"--quick kept {key}={','.join(map(_show, vals[:2]))} of the grid's")
-    g.stage = "checking the config"
-    config = validate(config)
     plot = values.plot or grid.get("plot", "")
-    plot_axes(plot, expand(prods, seeds, config)[0])
+    plot_axes(plot, expand(prods, parsed.seeds, config)[0])
     score = {
-        s: values[s].value if values[s].value is not None else grid.get("score", {}).get(s, True)
-        for s in SCORING
+        stage: values[stage].value
+        if values[stage].value is not None
+        else grid.get("score", {}).get(stage, True)
+        for stage in SCORING
     }
-    g.stage = "loading JAX"
-    from dae_jax import engine
-
-    g.begin_work()
+    report.start(g, parsed)
     g.stage = "running the sweep"
-    runfiles.prepare_workdir(workdir)
-    engine.enable_compile_cache(config.compile_cache)
-    program = argv[0]
-    shown = ("python " + program) if program.endswith(".py") else program
-    run(name, config, prods, seeds, workdir, score=score, plot=plot,
-        command=" ".join([shown, *argv[1:]]))  # fmt: skip
-    print(f"Results: {workdir / 'results.md'}")
+    run(
+        name, parsed.config, prods, parsed.seeds, parsed.workdir, score=score, plot=plot,
+        command=parsed.command,
+    )  # fmt: skip
+    print(f"Results: {parsed.workdir / 'results.md'}")
     return 0
 
 
 def _quick(config: ml_collections.ConfigDict) -> None:
     config.data.train_size, config.data.test_size = 1024, 256
     config.train.epochs, config.eval.batch_size = 1, 256
-
-
-def _help(values: Any) -> str:
-    doc = __doc__.split("\n\n")[0:2]
-    named = "\n".join(f"  {n}: {g.get('doc', '')}" for n, g in grids.GRIDS.items())
-    own = values.module_help(__name__) if __name__ in values.flags_by_module_dict() else ""
-    flags_text = (
-        "\n".join(
-            f"  --{f.name}: {f.help}" for f in values.flags_by_module_dict().get(__name__, [])
-        )
-        or own
-    )
-    return "\n\n".join([*doc, "grids (--grid=NAME):\n" + named, "flags:\n" + flags_text,
-                        "config keys: dae-jax train --help lists them (--config.KEY=VALUE)"])  # fmt: skip

@@ -78,7 +78,8 @@ def test_unknown_command_and_missing_workdir():
     result = run_cli("fly")
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: unknown command 'fly'; use one of: train, evaluate, denoise (dae-jax --help)"
+        "error: unknown command 'fly'; use one of: train, evaluate, denoise, sweep, table "
+        "(dae-jax --help)"
     )
     result = run_cli("train")
     assert result.returncode == 2

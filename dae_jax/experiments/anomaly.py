@@ -9,12 +9,13 @@ the clean image and the denoised corrupted one. Reports AUROC per held-out class
 its mean (mean ± std over seeds), and ROC curves.
 """
 
-from absl import flags
-
 from dae_jax import anomaly, report
 
-flags.DEFINE_list("classes", [], "Held-out classes (default: every class).")
-FLAGS = flags.FLAGS
+
+def define(values):
+    from absl import flags
+
+    flags.DEFINE_list("classes", [], "Held-out classes (default: every class).", flag_values=values)
 
 
 def quick(config):
@@ -22,16 +23,17 @@ def quick(config):
     config.train.epochs = 1
 
 
-def run(config, seeds, workdir, quick, command):
-    classes = report.numbers("classes", FLAGS.classes, int, "0,6") or None
+def run(config, seeds, workdir, quick, command, flags):
+    classes = report.numbers("classes", flags.classes, int, "0,6") or None
     if quick and classes is None:
         classes = [0, 1]
         print("--quick set --classes=0,1")
     anomaly.run_experiment(config, seeds, workdir, classes=classes, command=command)
 
 
-def main() -> None:
-    report.cli("anomaly", run, quick=quick, doc=__doc__)
+def main(argv=None) -> int:
+    """The script (``argv`` None), or its run in this process with ``argv``: the exit code."""
+    return report.cli("anomaly", run, quick=quick, define=define, doc=__doc__, argv=argv)
 
 
 if __name__ == "__main__":

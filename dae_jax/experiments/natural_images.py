@@ -25,13 +25,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import flags
 from flax import nnx
 
 from dae_jax import baselines, data, metrics, plots, report, runfiles, train
 
-flags.DEFINE_list("levels", ["15", "25", "50"], "Noise sigmas, in 1/255 units.")
-FLAGS = flags.FLAGS
+
+def define(values) -> None:
+    from absl import flags
+
+    flags.DEFINE_list(
+        "levels", ["15", "25", "50"], "Noise sigmas, in 1/255 units.", flag_values=values
+    )
+
+
 NATURAL_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "natural.py")
 BM3D_FACTORS = (0.9, 1.0, 1.1)
 CROP = 96  # the figure's crop of each photo's centre
@@ -177,8 +183,8 @@ def _figure(path: Path, crops: dict[str, dict[str, np.ndarray]]) -> None:
     plots.image_grid(path, rows, row_labels=cols, column_labels=names)
 
 
-def run(config, seeds, workdir: Path, quick: bool, command: str) -> None:
-    levels = report.numbers("levels", FLAGS.levels, int, "15,25,50") or [15, 25, 50]
+def run(config, seeds, workdir: Path, quick: bool, command: str, flags) -> None:
+    levels = report.numbers("levels", flags.levels, int, "15,25,50") or [15, 25, 50]
     if quick:
         levels = levels[1:2] if len(levels) > 1 else levels
     members = [(level, seed) for level in levels for seed in seeds]
@@ -221,8 +227,12 @@ def run(config, seeds, workdir: Path, quick: bool, command: str) -> None:
         print("warning: a model diverged (see models/summary.json)")
 
 
-def main() -> None:
-    report.cli("natural_images", run, quick=quick, doc=__doc__, default_config=NATURAL_CONFIG)
+def main(argv=None) -> int:
+    """The script (``argv`` None), or its run in this process with ``argv``: the exit code."""
+    return report.cli(
+        "natural_images", run, quick=quick, define=define, doc=__doc__,
+        default_config=NATURAL_CONFIG, argv=argv,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,45 +13,52 @@ training images; the table reports test accuracy, mean ± std over seeds. With
 for the MLP).
 """
 
-from absl import flags
-
 from dae_jax import pretrain, report
 
-flags.DEFINE_list("label_fractions", ["0.01", "0.1", "1"], "Fractions of labels to fine-tune on.")
-flags.DEFINE_integer("pretrain_epochs", 10, "Epochs per stacked layer, and end-to-end.")
-flags.DEFINE_integer("finetune_epochs", 20, "Fine-tuning epochs with all labels (x10 at <=10%).")
-flags.DEFINE_integer("val_size", 5000, "Training images held out for choosing the epoch.")
-flags.DEFINE_float(
-    "finetune_learning_rate", 0.0, "Adam's rate in fine-tuning; 0 = optim.learning_rate."
-)
-FLAGS = flags.FLAGS
+
+def define(values):
+    from absl import flags
+
+    kw = {"flag_values": values}
+    flags.DEFINE_list(
+        "label_fractions", ["0.01", "0.1", "1"], "Fractions of labels to fine-tune on.", **kw
+    )
+    flags.DEFINE_integer("pretrain_epochs", 10, "Epochs per stacked layer, and end-to-end.", **kw)
+    flags.DEFINE_integer(
+        "finetune_epochs", 20, "Fine-tuning epochs with all labels (x10 at <=10%).", **kw
+    )
+    flags.DEFINE_integer("val_size", 5000, "Training images held out for choosing the epoch.", **kw)
+    flags.DEFINE_float(
+        "finetune_learning_rate", 0.0, "Adam's rate in fine-tuning; 0 = optim.learning_rate.", **kw
+    )
 
 
 def quick(config):
     config.data.train_size, config.data.test_size = 1024, 256
 
 
-def run(config, seeds, workdir, quick, command):
+def run(config, seeds, workdir, quick, command, flags):
     pretrain.run_experiment(
         config,
         seeds,
         workdir,
         fractions=report.numbers(
             "label_fractions",
-            report.quick_or_given("label_fractions", FLAGS.label_fractions[:2], quick),
+            report.quick_or_given(flags, "label_fractions", flags.label_fractions[:2], quick),
             float,
             "0.01,0.1,1",
         ),
-        pretrain_epochs=report.quick_or_given("pretrain_epochs", 1, quick),
-        finetune_epochs=report.quick_or_given("finetune_epochs", 1, quick),
-        val_size=report.quick_or_given("val_size", 128, quick),
-        finetune_learning_rate=FLAGS.finetune_learning_rate,
+        pretrain_epochs=report.quick_or_given(flags, "pretrain_epochs", 1, quick),
+        finetune_epochs=report.quick_or_given(flags, "finetune_epochs", 1, quick),
+        val_size=report.quick_or_given(flags, "val_size", 128, quick),
+        finetune_learning_rate=flags.finetune_learning_rate,
         command=command,
     )
 
 
-def main() -> None:
-    report.cli("pretrain_finetune", run, quick=quick, doc=__doc__)
+def main(argv=None) -> int:
+    """The script (``argv`` None), or its run in this process with ``argv``: the exit code."""
+    return report.cli("pretrain_finetune", run, quick=quick, define=define, doc=__doc__, argv=argv)
 
 
 if __name__ == "__main__":
