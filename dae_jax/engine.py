@@ -720,7 +720,7 @@ class _Loop:
                 "examples_per_second": self.k * examples / epoch_seconds,
                 "eval_seconds": eval_seconds,
                 "learning_rate": self.setup.optim.learning_rate_at(
-                    self.members[k].value("optim.learning_rate"), epoch * self.steps - 1
+                    float(self.members[k].value("optim.learning_rate")), epoch * self.steps - 1
                 ),
                 **({"diverged": True} if k in position.diverged else {}),
             }
@@ -771,8 +771,8 @@ class _Loop:
             figure = workdir / "figures" / "denoising.png"
             self.tensorboard.image(0, "denoising", figure, position.epochs_done)  # as the scalars
         finals = [[r for r in history if r.get("model", 0) == k][-1:] for k in range(self.k)]
-        for k, final in enumerate(finals):
-            self.tensorboard.hparams(k, self.hparams[k], (final or [{}])[0])
+        for k, last in enumerate(finals):
+            self.tensorboard.hparams(k, self.hparams[k], (last or [{}])[0])
         last_steps = self.checkpoints.steps()
         summary = {
             "dataset": self.dataset.name,

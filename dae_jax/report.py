@@ -83,6 +83,15 @@ def table(
     return "\n".join(lines)
 
 
+def show(value: Any) -> str:
+    """A config value as a table shows it: ``0.25``, ``(512,256,128)``, ``True``."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple | list):
+        return "(" + ",".join(map(show, value)) + ")"
+    return str(value)
+
+
 def write(
     workdir: Path,
     experiment: str,
@@ -92,16 +101,22 @@ def write(
     body: str,
     started: float,
     command: str,
+    *,
+    fields: Sequence[str] = (),
+    note: str = "",
     **extra: Any,
 ) -> None:
-    """Writes results.csv, results.json and results.md (header + ``body``) to ``workdir``."""
-    fields: list[str] = []
+    """Writes results.csv (columns ``fields`` first, then any other key of the rows; config
+    values shown as tables show them), results.json (the rows, config, device, versions,
+    ``extra``) and results.md (a header saying how the numbers were made, ``note``, then
+    ``body``) to ``workdir``: every experiment's one writer."""
+    columns = list(fields)
     for row in rows:
-        fields += [k for k in row if k not in fields]
+        columns += [k for k in row if k not in columns]
     with (workdir / "results.csv").open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields, restval="")
+        writer = csv.DictWriter(file, fieldnames=columns, restval="")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: show(v) if "." in k else v for k, v in row.items()} for row in rows)
     info = {
         "experiment": experiment,
         "date": time.strftime("%Y-%m-%d"),
@@ -120,6 +135,7 @@ def write(
         + f"{config.data.name}, model {models.describe(config)}, seeds {list(seeds)}, mean ± std "
         f"over seeds; {info['date']}, {where(device)} ({device['platform']}), "
         f"jax {info['versions']['jax']}, {info['seconds'] / 60:.1f} min."
+        + (f" {note}" if note else "")
     )
     (workdir / "results.md").write_text(header + "\n\n" + body.rstrip() + "\n")
     (workdir / "results.json").write_text(
@@ -189,11 +205,12 @@ def parse(
     if problem:
         raise UserError(problem)
     values = flags.FlagValues()
-    kw = {"flag_values": values}
-    flags.DEFINE_string("workdir", None, "Directory of the results (resumable).", **kw)
-    flags.DEFINE_list("seeds", None, "Seeds: one model per seed and setting (default 0,1,2).", **kw)
-    flags.DEFINE_bool("quick", False, "A smoke run: tiny data, 1 epoch, 1 seed.", **kw)
-    flags.DEFINE_bool("verbose", False, "Libraries' warnings on stderr too.", **kw)
+    flags.DEFINE_string("workdir", None, "Directory of the results (resumable).", values)
+    flags.DEFINE_list(
+        "seeds", None, "Seeds: one model per seed and setting (default 0,1,2).", values
+    )
+    flags.DEFINE_bool("quick", False, "A smoke run: tiny data, 1 epoch, 1 seed.", values)
+    flags.DEFINE_bool("verbose", False, "Libraries' warnings on stderr too.", values)
     if define is not None:
         define(values)
     g.stage = "reading the config"
@@ -226,7 +243,7 @@ def parse(
     g.workdir = Path(value)
     seeds = numbers("seeds", values.seeds or ["0", "1", "2"], int, "0,1,2")
     if values.quick:
-        seeds = apply_quick(quick, config, argv, seeds, seeds_given=values["seeds"].present)
+        seeds = apply_quick(quick, config, argv, seeds, seeds_given=bool(values["seeds"].present))
     shown = ("python " + argv[0]) if argv[0].endswith(".py") else argv[0]
     return Command(values, config, seeds, Path(value), " ".join([shown, *argv[1:]]), argv)
 

@@ -52,7 +52,7 @@ NAMED = {"noise.kind": tuple(corruption.CORRUPTIONS)}
 Hyper = dict[str, jax.Array]
 
 
-def hyper_of(values: Sequence[dict[str, float]]) -> Hyper:
+def hyper_of(values: Sequence[dict[str, Any]]) -> Hyper:
     """``[K]`` arrays of the traced keys' values of K members."""
     return {
         key: jnp.asarray([NAMED[key].index(v[key]) for v in values], jnp.int32)

@@ -29,7 +29,6 @@ as a grid: a list of products of one value each, written by the sampler.
 from __future__ import annotations
 
 import ast
-import csv
 import dataclasses
 import functools
 import itertools
@@ -45,7 +44,7 @@ from typing import Any
 
 import ml_collections
 
-from dae_jax import checkpointing, grids, runfiles
+from dae_jax import checkpointing, grids, report, runfiles
 from dae_jax.errors import UserError
 
 METRICS = ("psnr", "ssim", "mse")
@@ -210,15 +209,7 @@ class Spec:
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{k}={_show(v)}" for k, v in self.values) or "DAE"
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, tuple | list):
-        return "(" + ",".join(map(_show, value)) + ")"
-    return str(value)
+        return ", ".join(f"{k}={report.show(v)}" for k, v in self.values) or "DAE"
 
 
 def expand(
@@ -266,7 +257,7 @@ def _split(spec: Spec, base: ml_collections.ConfigDict) -> tuple[dict[str, Any],
 
 
 def _slug(static: dict[str, Any]) -> str:
-    text = "_".join(f"{k}={_show(v)}" for k, v in static.items()) or "base"
+    text = "_".join(f"{k}={report.show(v)}" for k, v in static.items()) or "base"
     return re.sub(r"[^A-Za-z0-9.=_,()+-]", "-", text)[:120]
 
 
@@ -433,7 +424,7 @@ class Condition:
 def run(
     experiment: str,
     config: ml_collections.ConfigDict,
-    axes: dict[str, Sequence[Any]] | Sequence[dict[str, Sequence[Any]]],
+    axes: dict[str, Sequence[Any]] | Sequence[dict[str, Any]],
     seeds: Sequence[int],
     workdir: str | Path,
     *,
@@ -524,9 +515,7 @@ def _run(experiment, config, axes, specs, where, workdir, score, plot, log, comm
                 rows += _label(
                     stages.get(
                         f"scores-{population.name}-{c.name}", sorted(at, key=int),
-                        lambda ks, c=c, scored=scored: {
-                            k: _scores_at(scored(int(k)), noisy[c], clean, c, subsets) for k in ks
-                        },
+                        functools.partial(_scores_of, scored, noisy[c], clean, c, subsets),
                     ),
                     at,
                 )  # fmt: skip
@@ -535,9 +524,7 @@ def _run(experiment, config, axes, specs, where, workdir, score, plot, log, comm
             rows += _label(
                 stages.get(
                     f"probe-{population.name}", sorted(at, key=int),
-                    lambda ks, scored=scored: {
-                        k: _probe(scored(int(k)), dataset, clean) for k in ks
-                    },
+                    functools.partial(_probes_of, scored, dataset, clean),
                 ),
                 at,
             )  # fmt: skip
@@ -665,6 +652,14 @@ def _scores_at(model, noisy, clean, condition: Condition, subsets) -> list[dict[
     return rows
 
 
+def _scores_of(model, noisy, clean, condition, subsets, members: list[str]) -> dict[str, list]:
+    return {k: _scores_at(model(int(k)), noisy, clean, condition, subsets) for k in members}
+
+
+def _probes_of(model, dataset, clean, members: list[str]) -> dict[str, list]:
+    return {k: _probe(model(int(k)), dataset, clean) for k in members}
+
+
 def _probe(model, dataset, clean_test) -> list[dict[str, Any]]:
     import jax.numpy as jnp
 
@@ -742,23 +737,23 @@ def summary(
             r["seed"] for r in rows if r["model"] == label and r["metric"] == "diverged_in_epoch"
         }
         of_models = functools.partial(_pick, rows, diverged, model=label)
-        reference = functools.partial(_first, rows, **at)
+        reference = functools.partial(_first, rows, at)
         psnr = of_models(metric="psnr", **at)
         classical = max((reference(name) for name in CLASSICAL), default=math.nan)
         lines.append(
             {
                 "values": dict(values),
                 "label": label,
-                "psnr": mean_std(psnr),
-                "ssim": mean_std(of_models(metric="ssim", **at)),
+                "psnr": report.mean_std(psnr),
+                "ssim": report.mean_std(of_models(metric="ssim", **at)),
                 "noisy_psnr": reference("noisy input"),
                 "best_classical_psnr": classical,
                 "gain_db": (statistics.fmean(psnr) if psnr else math.nan) - classical,
-                "probe": mean_std(of_models(metric="probe_accuracy")),
+                "probe": report.mean_std(of_models(metric="probe_accuracy")),
                 "diverged": len(diverged),
                 "seeds": len(seeds),
                 "bm3d_psnr": reference("bm3d"),
-                "psnr_subset": mean_std(of_models(metric="psnr_subset", **at)),
+                "psnr_subset": report.mean_std(of_models(metric="psnr_subset", **at)),
                 "subset_images": next(
                     (r.get("images", 0) for r in rows if r["model"] == "bm3d"
                      and all(r.get(k) == v for k, v in at.items())), 0,
@@ -777,17 +772,9 @@ def _pick(rows: list[dict[str, Any]], leave_out: set, **want: Any) -> list[float
     ]
 
 
-def _first(rows: list[dict[str, Any]], model: str, metric: str = "psnr", **at: Any) -> float:
-    """A reference's value at a test condition (NaN when it has none there)."""
-    return (_pick(rows, set(), model=model, metric=metric, **at) or [math.nan])[0]
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (NaN, NaN for no values; std 0 for one)."""
-    values = list(values)
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def _first(rows: list[dict[str, Any]], at: dict[str, Any], model: str) -> float:
+    """A reference's PSNR at a test condition (NaN when it has none there)."""
+    return (_pick(rows, set(), model=model, metric="psnr", **at) or [math.nan])[0]
 
 
 def _number(value: float, digits: int) -> str:
@@ -821,7 +808,7 @@ def markdown(lines: list[dict[str, Any]], axes: list[str], rows: list[dict], sco
         "|" + " --- |" * len(axes) + " ---: |" * (len(head) - len(axes)),
     ]
     for line in lines:
-        cells = [_show(line["values"][a]) for a in axes]
+        cells = [report.show(line["values"][a]) for a in axes]
         if line["diverged"]:
             cells[-1 if cells else 0 :] = [
                 (cells[-1] if cells else "")
@@ -850,12 +837,12 @@ def markdown(lines: list[dict[str, Any]], axes: list[str], rows: list[dict], sco
 
 
 def _pivot(lines: list[dict[str, Any]], axes: list[str]) -> list[str]:
-    columns = list(dict.fromkeys(_show(ln["values"][axes[0]]) for ln in lines))
+    columns = list(dict.fromkeys(report.show(ln["values"][axes[0]]) for ln in lines))
     rest = axes[1:]
     table: dict[str, dict[str, str]] = {}
     for line in lines:
-        name = ", ".join(f"{a}={_show(line['values'][a])}" for a in rest)
-        table.setdefault(name, {})[_show(line["values"][axes[0]])] = _cell(line["psnr"], 2)
+        name = ", ".join(f"{a}={report.show(line['values'][a])}" for a in rest)
+        table.setdefault(name, {})[report.show(line["values"][axes[0]])] = _cell(line["psnr"], 2)
     out = [f"| {', '.join(rest)} | " + " | ".join(f"{axes[0]}={c}" for c in columns) + " |"]
     out.append("| --- |" + " ---: |" * len(columns))
     for name, cells in table.items():
@@ -888,46 +875,17 @@ def _bm3d_table(lines: list[dict[str, Any]], axes: list[str]) -> list[str]:
 
 
 def write(workdir, experiment, config, axes, specs, own, rows, score, plot, command, started):
-    """results.csv (tidy), results.json, results.md and the figures; one writer for all."""
-    from dae_jax import models, report
-
-    fields = ["model", *axes, *[f for f in FIELDS if f != "model"]]
-    with (workdir / "results.csv").open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields, restval="", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({k: _show(v) if k in axes else v for k, v in r.items()} for r in rows)
+    """results.csv (tidy), results.json, results.md (``report.write``) and the figures."""
     lines = summary(rows, specs, own)
-    info = {
-        "experiment": experiment,
-        "date": time.strftime("%Y-%m-%d"),
-        "seconds": time.perf_counter() - started,
-        "command": command,
-        "axes": axes,
-        "seeds": list(dict.fromkeys(s.seed for s in specs)),
-        "members": [
-            {"values": dict(s.values), "seed": s.seed, "test": own[s.values]} for s in specs
-        ],
-        "score": score,
-        "plot": plot,
-        "config": config.to_dict(),
-        "device": runfiles.device_info(),
-        "versions": runfiles.versions(),
-    }
-    device = info["device"]
-    header = (
-        f"# {experiment}\n\n"
-        + (f"Command: `{command}`\n\n" if command else "")
-        + f"{config.data.name}, model {models.describe(config)}, {config.train.epochs} epochs, "
-        f"axes {', '.join(axes) or 'none'}, seeds {info['seeds']}, mean ± std over seeds; "
-        f"{info['date']}, {report.where(device)} ({device['platform']}), jax "
-        f"{info['versions']['jax']}, {info['seconds'] / 60:.1f} min. Classical references are "
-        "tuned per level on the test images themselves (an optimistic baseline). Bold: best "
-        "in the column."
-    )
-    (workdir / "results.md").write_text(header + "\n\n" + markdown(lines, axes, rows, score))
-    (workdir / "results.json").write_text(
-        runfiles.dumps({**info, "summary": lines, "rows": rows}, indent=1, default=float) + "\n"
-    )
+    report.write(
+        workdir, experiment, config, list(dict.fromkeys(s.seed for s in specs)), rows,
+        markdown(lines, axes, rows, score), started, command, fields=["model", *axes, *FIELDS[1:]],
+        note=f"{config.train.epochs} epochs, axes {', '.join(axes) or 'none'}. Classical "
+        "references are tuned per level on the test images themselves (an optimistic "
+        "baseline). Bold: best in the column.",
+        axes=axes, score=score, plot=plot, summary=lines,
+        members=[{"values": dict(s.values), "seed": s.seed, "test": own[s.values]} for s in specs],
+    )  # fmt: skip
     figures(workdir / "figures", rows, lines, axes, score, plot)
 
 
@@ -1046,8 +1004,6 @@ def _define(values: Any) -> None:
 
 
 def command(argv: list[str], g: Any) -> int:
-    from dae_jax import report
-
     grid_name = next((a.split("=", 1)[1] for a in argv if a.startswith("--grid=")), "")
     doc = "\n\n".join(__doc__.split("\n\n")[:2])
     doc += "\n\ngrids (--grid=NAME):\n" + "\n".join(
@@ -1091,7 +1047,9 @@ def command(argv: list[str], g: Any) -> int:
                 numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals)
                 if key not in axes and numeric and len(vals) > 2:
                     product[key] = vals[:2]
-                    print(f"--quick kept {key}={','.join(map(_show, vals[:2]))} of the grid's")
+                    print(
+                        f"--quick kept {key}={','.join(map(report.show, vals[:2]))} of the grid's"
+                    )
     plot = values.plot or grid.get("plot", "")
     plot_axes(plot, expand(prods, parsed.seeds, config)[0])
     score = {

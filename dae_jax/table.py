@@ -71,11 +71,16 @@ def models(run: Path) -> list[dict[str, Any]]:
             named = {"level": "noise.level", "learning_rate": "optim.learning_rate"}
             for key, value in member.items():
                 flat[named.get(key, key)] = value
-        record = {"run": str(run) + (f" model {k}" if member is not None else ""), "config": flat,
-                  "seed": flat.get("seed"), "diverged": str(k) in (summary.get("diverged") or {})}  # fmt: skip
         final = finals[k] if k < len(finals) else {}
-        record["metrics"] = {m: _number(final.get(m)) for m in METRICS}
-        out.append(record)
+        out.append(
+            {
+                "run": str(run) + (f" model {k}" if member is not None else ""),
+                "config": flat,
+                "seed": flat.get("seed"),
+                "diverged": str(k) in (summary.get("diverged") or {}),
+                "metrics": {m: _number(final.get(m)) for m in METRICS},
+            }
+        )
     return out
 
 
@@ -190,8 +195,9 @@ def command(argv: list[str], g: Any) -> int:
         for run in found:
             records += models(run)
     differ, lines = tabulate(records, values.metrics)
-    print(f"{len(records)} models in {len(directories)} workdir(s); columns: the config keys that differ"
-          + (f" ({', '.join(differ)})" if differ else " (none: the models differ only in their seeds)"))  # fmt: skip
+    columns = f"({', '.join(differ)})" if differ else "(none: only their seeds differ)"
+    print(f"{len(records)} models in {len(directories)} workdir(s); columns: the config keys "
+          f"that differ {columns}")  # fmt: skip
     print(markdown(differ, lines, values.metrics), end="")
     if values.csv:
         with Path(values.csv).open("w", newline="") as file:

@@ -1,6 +1,7 @@
 """Gaussian vs masking vs salt-and-pepper corruption, each over its levels.
 
-    python experiments/corruption_types.py --workdir=W [--quick] [--seeds=0,1,2] [--axis=KEY=V1,V2 ...]
+    python experiments/corruption_types.py --workdir=W [--quick]
+        [--seeds=0,1,2] [--axis=KEY=V1,V2 ...]
 
 The same as ``dae-jax sweep --grid=corruption_types ...`` (the grid is in dae_jax/grids.py; every
 flag of ``dae-jax sweep --help`` applies). Killed, the same command resumes it; with

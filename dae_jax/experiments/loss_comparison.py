@@ -1,6 +1,7 @@
 """MSE vs binary cross-entropy across Gaussian noise levels.
 
-    python experiments/loss_comparison.py --workdir=W [--quick] [--seeds=0,1,2] [--axis=KEY=V1,V2 ...]
+    python experiments/loss_comparison.py --workdir=W [--quick]
+        [--seeds=0,1,2] [--axis=KEY=V1,V2 ...]
 
 The same as ``dae-jax sweep --grid=loss_comparison ...`` (the grid is in dae_jax/grids.py; every
 flag of ``dae-jax sweep --help`` applies). Killed, the same command resumes it; with
