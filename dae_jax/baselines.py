@@ -34,9 +34,9 @@ import optax.tree_utils as otu
 from jax.typing import ArrayLike
 from scipy import special
 
-from dae_jax import bm3d_images
+from dae_jax import bm3d_images, metrics
 from dae_jax.errors import UserError
-from dae_jax.metrics import mse, psnr, ssim
+from dae_jax.metrics import psnr
 
 # ------------------------------------------------------- classical references
 
@@ -187,15 +187,6 @@ class _SpawnWithoutMain(multiprocessing.context.SpawnContext):
     Process = _SpawnWithoutMainProcess
 
 
-def _scores(out: ArrayLike, clean: jax.Array) -> dict[str, float]:
-    out = jnp.asarray(out)
-    return {
-        "psnr": float(jnp.mean(psnr(out, clean))),
-        "ssim": float(jnp.mean(ssim(out, clean))),
-        "mse": float(jnp.mean(mse(out, clean))),
-    }
-
-
 def best_classical(
     noisy: jax.Array,
     clean: jax.Array,
@@ -224,7 +215,7 @@ def best_classical(
             if name not in best or score > best[name]["psnr"]:
                 best[name] = {
                     "parameter": float("nan") if parameter is None else float(parameter),
-                    **_scores(out, clean),
+                    **metrics.scores(out, clean),
                     "images": len(noisy),
                 }
         best[name]["seconds"] = time.perf_counter() - started
@@ -242,7 +233,10 @@ def best_classical(
                 )
                 score = float(jnp.mean(psnr(denoised, subset_clean)))
                 if "bm3d" not in best or score > best["bm3d"]["psnr"]:
-                    best["bm3d"] = {"parameter": sigma_psd, **_scores(denoised, subset_clean)}
+                    best["bm3d"] = {
+                        "parameter": sigma_psd,
+                        **metrics.scores(denoised, subset_clean),
+                    }
         best["bm3d"]["images"] = count
         best["bm3d"]["seconds"] = time.perf_counter() - started
     return best

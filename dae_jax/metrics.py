@@ -1,7 +1,11 @@
-"""Image-quality metrics for reconstructions (pixel values in [0, 1]).
+"""Image-quality metrics for reconstructions (pixel values in [0, 1]), and ``IMAGE``,
+their one registry: evaluation (``metrics.jsonl``: ``test_<name>_noisy`` and
+``test_<name>_denoised``), TensorBoard, sweeps and their classical references all
+iterate over it. A new metric is a function ``[B, H, W, C] x 2 -> [B]`` and its entry.
 
-The classical denoisers and the linear probe they used to sit beside are in
-``dae_jax.baselines``."""
+The classical denoisers and the linear probe are in ``dae_jax.baselines``."""
+
+from collections.abc import Callable
 
 import dm_pix
 import jax
@@ -45,3 +49,28 @@ def ssim(images_a: jax.Array, images_b: jax.Array) -> jax.Array:
 def mse(images_a: jax.Array, images_b: jax.Array) -> jax.Array:
     """Mean squared error for each image of a batch."""
     return jnp.mean(jnp.square(images_a - images_b), axis=(1, 2, 3))
+
+
+def mae(images_a: jax.Array, images_b: jax.Array) -> jax.Array:
+    """Mean absolute error for each image of a batch."""
+    return jnp.mean(jnp.abs(images_a - images_b), axis=(1, 2, 3))
+
+
+# name -> per-image metric.
+IMAGE: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    "psnr": psnr,
+    "ssim": ssim,
+    "mse": mse,
+    "mae": mae,
+}
+
+
+@jax.jit
+def means(images: jax.Array, clean: jax.Array) -> dict[str, jax.Array]:
+    """Each registered metric's mean over a batch."""
+    return {name: jnp.mean(metric(images, clean)) for name, metric in IMAGE.items()}
+
+
+def scores(images: jax.Array, clean: jax.Array) -> dict[str, float]:
+    """Each registered metric's mean over a batch, as Python floats."""
+    return {name: float(value) for name, value in means(jnp.asarray(images), clean).items()}

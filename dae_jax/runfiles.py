@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from dae_jax import guard, parallel
-from dae_jax.errors import Interrupted, UserError
+from dae_jax.errors import Interrupted, UserError, first_line
 
 # What a dae_jax workdir may hold; anything else means the directory is someone else's.
 RUN_FILES = {
@@ -92,7 +92,7 @@ def check_workdir(workdir: Path) -> None:
         resolved = workdir.resolve()
     except (RuntimeError, OSError) as e:  # Python 3.11 raises RuntimeError for a loop
         raise UserError(
-            f"--workdir={workdir} cannot be resolved ({_first_line(e)}): a symbolic link in it "
+            f"--workdir={workdir} cannot be resolved ({first_line(e)}): a symbolic link in it "
             "loops or is broken; give another directory"
         ) from None
     if workdir.exists() and not workdir.is_dir():
@@ -124,10 +124,6 @@ def check_workdir(workdir: Path) -> None:
                 exit_code=1,
             )
         WorkdirLock(workdir).probe()
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
 
 
 def refuse_experiment_root(workdir: Path) -> None:
@@ -417,17 +413,9 @@ def device_info() -> dict[str, Any]:
 
 
 # The epoch record's numbers that go to TensorBoard, as scalars named by their key.
-TENSORBOARD_SCALARS = (
-    "train_loss",
-    "learning_rate",
-    "test_loss",
-    "test_psnr_noisy",
-    "test_psnr_denoised",
-    "test_ssim_noisy",
-    "test_ssim_denoised",
-    "examples_per_second",
-    "epoch_seconds",
-)
+# The epoch record's keys that are not scalars to plot (every other number is one: the
+# losses, each image metric of dae_jax.metrics.IMAGE, the learning rate, the speed).
+NOT_SCALARS = ("model", "epoch", "step")
 
 
 class TensorBoard:
@@ -446,9 +434,11 @@ class TensorBoard:
 
     def epoch(self, k: int, record: dict[str, Any]) -> None:
         if self.writers:
-            for key in TENSORBOARD_SCALARS:  # not inf (PSNR of a clean input) or NaN
-                if isinstance(record.get(key), float | int) and math.isfinite(record[key]):
-                    self.writers[k].add_scalar(key, record[key], record["epoch"])
+            for key, value in record.items():  # not inf (PSNR of a clean input) or NaN
+                if key in NOT_SCALARS or isinstance(value, bool):
+                    continue
+                if isinstance(value, float | int) and math.isfinite(value):
+                    self.writers[k].add_scalar(key, value, record["epoch"])
 
     def hparams(self, k: int, values: dict[str, Any], final: dict[str, Any]) -> None:
         """Member k's settings (e.g. a sweep's axis values) beside its last metrics, for

@@ -488,12 +488,11 @@ def epoch_order(
     return permutation[: steps * batch_size].reshape(steps, batch_size)
 
 
+# What evaluation reports: the loss, and each registered image metric of the noisy input
+# and of the reconstruction.
 EVAL_METRICS = (
     "test_loss",
-    "test_psnr_noisy",
-    "test_psnr_denoised",
-    "test_ssim_noisy",
-    "test_ssim_denoised",
+    *(f"test_{name}_{of}" for name in metrics.IMAGE for of in ("noisy", "denoised")),
 )
 
 
@@ -523,10 +522,11 @@ def evaluate(
         per_example = jnp.stack(
             [
                 losses.per_example(setup.loss, outputs, clean, model.predicts),
-                metrics.psnr(noisy, clean),
-                metrics.psnr(denoised, clean),
-                metrics.ssim(noisy, clean),
-                metrics.ssim(denoised, clean),
+                *(
+                    metric(images, clean)
+                    for metric in metrics.IMAGE.values()
+                    for images in (noisy, denoised)
+                ),
             ]
         )
         return jnp.sum(jnp.where(weights > 0, per_example, 0.0), axis=1)

@@ -27,3 +27,32 @@ def test_ssim_matches_dm_pix_default_window():
     np.testing.assert_allclose(
         metrics.ssim(noisy, clean), dm_pix.ssim(noisy, clean, max_val=1.0), atol=1e-6
     )
+
+
+def test_a_registered_metric_reaches_evaluation_and_sweeps(tiny):
+    """The registry is the one list: MAE is a function and an entry in metrics.py, and
+    evaluation reports it for the noisy input and the reconstruction."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dae_jax import data, metrics, train
+
+    a = jax.random.uniform(jax.random.key(0), (3, 8, 8, 1))
+    b = jax.random.uniform(jax.random.key(1), (3, 8, 8, 1))
+    np.testing.assert_allclose(
+        metrics.mae(a, b), np.abs(np.asarray(a) - np.asarray(b)).mean(axis=(1, 2, 3)), rtol=1e-6
+    )
+    assert set(metrics.scores(a, b)) == set(metrics.IMAGE) >= {"psnr", "ssim", "mse", "mae"}
+    config = tiny()
+    dataset = data.load(config.data, seed=0)
+    graphdef, state = train.init_state(config, train.key_streams(0).init)
+    setup = train.Setup.from_config(config, graphdef)
+    batches, weights = train.batched_with_padding(dataset.test_images, 48)
+    values = train.evaluate(
+        setup, state.params, jnp.asarray(batches), jnp.asarray(weights), train.key_streams(0).eval,
+        jnp.float32(0.5),
+    )  # fmt: skip
+    assert set(values) == set(train.EVAL_METRICS)
+    assert {"test_mae_noisy", "test_mae_denoised"} <= set(values)
+    assert 0 < float(values["test_mae_noisy"]) < 1
