@@ -31,7 +31,7 @@ from flax import nnx
 
 from dae_jax import models
 from dae_jax.configs import default
-from dae_jax.errors import UserError
+from dae_jax.errors import UserError, first_line
 
 # Keys whose change would change what a run computes: refused on resume.
 # (train.epochs may grow; logging, evaluation and checkpoint settings may change.)
@@ -244,7 +244,7 @@ class Checkpoints:
             else f"check that {self.directory} is a directory you can write to"
         )
         return UserError(
-            f"cannot save checkpoint {step} in {self.directory} ({_first_line(e)}): {kept}; "
+            f"cannot save checkpoint {step} in {self.directory} ({first_line(e)}): {kept}; "
             f"{advice} and run the same command again to resume",
             exit_code=1,
         )
@@ -379,15 +379,11 @@ def load_config(workdir: Path) -> ml_collections.ConfigDict:
         ) from None
     except (OSError, ValueError) as e:
         raise UserError(
-            f"cannot read {path} ({_first_line(e)}); the workdir is damaged: run "
+            f"cannot read {path} ({first_line(e)}); the workdir is damaged: run "
             f"dae-jax train --workdir={workdir} with the run's settings to rewrite it from "
             "its checkpoint",
             exit_code=1,
         ) from None
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,12 +23,11 @@ from typing import TYPE_CHECKING
 
 import dae_jax
 from dae_jax import guard
-from dae_jax.errors import UserError
+from dae_jax.errors import UserError, one_line
 
 if TYPE_CHECKING:
     from absl import flags
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.py"
 
 USAGE = """\
 usage: dae-jax train    --workdir=W [--config=NAME|FILE|W0] [--config.KEY=VALUE ...]
@@ -160,7 +159,7 @@ def _define_flags(command: str, argv: list[str]) -> flags.FlagValues:
     flags.DEFINE_string("workdir", None, "Directory of the run.", flag_values=values)
     flags.DEFINE_bool("verbose", False, "Libraries' warnings on stderr.", flag_values=values)
     if command == "train":
-        configs.define_config_flag(argv, str(DEFAULT_CONFIG), values, lock_config=True)
+        configs.define_config_flag(argv, str(configs.DEFAULT_CONFIG), values, lock_config=True)
     elif command == "evaluate":
         flags.DEFINE_string(
             "noise.kind", None, "Corruption kind (default: the run's).", flag_values=values
@@ -305,11 +304,11 @@ def _config_error(args: Sequence[str], error: Exception) -> str:
                 "the keys are listed in dae_jax/configs/default.py"
             )
     cause = error.__cause__ if isinstance(error.__cause__, Exception) else error
-    return f"cannot load the --config file: {type(cause).__name__}: {_one_line(cause)}"
+    return f"cannot load the --config file: {type(cause).__name__}: {one_line(cause)}"
 
 
 def _flag_error(command: str, error: Exception) -> str:
-    message = _one_line(error)
+    message = one_line(error)
     unknown = re.search(r"Unknown command line flag '([^']+)'", message)
     refused = unknown and _refused(command, unknown.group(1))
     if refused:
@@ -328,11 +327,6 @@ def _error(message: str, code: int) -> int:
     return code
 
 
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return " ".join(lines) if lines else type(error).__name__
-
-
 def _check_backend() -> None:
     """JAX's devices, or one line when the backend JAX_PLATFORMS names cannot start."""
     import jax
@@ -344,7 +338,7 @@ def _check_backend() -> None:
         if isinstance(e, AssertionError):  # jax 0.10: a platform with no plugin installed
             reason = "no plugin for it is installed"
         else:
-            reason = re.sub(r"\s*\(set JAX_PLATFORMS=.*\)\s*$", "", _one_line(e))
+            reason = re.sub(r"\s*\(set JAX_PLATFORMS=.*\)\s*$", "", one_line(e))
         where = f"JAX_PLATFORMS={platforms}" if platforms else "JAX"
         raise UserError(
             f"{where}: JAX cannot start that backend ({reason}); unset JAX_PLATFORMS to use "

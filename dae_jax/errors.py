@@ -1,4 +1,5 @@
-"""The one exception type that reaches a user as a single line, not a traceback."""
+"""The one exception type that reaches a user as a single line, not a traceback, and
+how any exception becomes such a line. Standard library only (the crash guard uses it)."""
 
 
 class UserError(Exception):
@@ -15,3 +16,17 @@ class UserError(Exception):
 
 class Interrupted(UserError):
     """Training stopped on request (SIGINT/SIGTERM) after saving a checkpoint."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first non-blank line of ``error``'s message (its type's name when it has
+    none), cut to ``limit`` characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def one_line(error: BaseException) -> str:
+    """All of ``error``'s message on one line (its type's name when it has none)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines) if lines else type(error).__name__

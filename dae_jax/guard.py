@@ -38,7 +38,7 @@ from types import TracebackType
 from typing import Any
 
 import dae_jax
-from dae_jax.errors import Interrupted, UserError
+from dae_jax.errors import Interrupted, UserError, first_line
 
 _STOP_SIGNALS = ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))
 _BUFFERED_RECORDS = 5000  # log lines kept in memory until the workdir's log file exists
@@ -300,16 +300,10 @@ def _escape_unencodable(stream: Any, restore: list[Callable[[], None]]) -> None:
     restore.append(lambda: stream.reconfigure(errors=errors))
 
 
-def _first_line(error: BaseException, limit: int = 200) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _os_problem(error: OSError, stage: str) -> str | None:
     """One line for a failure of the machine (disk full, read-only, a looping path)."""
     where = f" {error.filename}" if error.filename else ""
-    strerror = error.strerror or _first_line(error)
+    strerror = error.strerror or first_line(error)
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return (
             f"no space left on the device while {stage} ({strerror}{':' if where else ''}{where}); "
@@ -345,7 +339,7 @@ def describe(error: BaseException, guard: Guard) -> tuple[str, int]:
         return f"the output stream was closed (broken pipe) while {stage}", 1
     if _out_of_memory(error):
         return (
-            f"out of memory while {stage} ({type(error).__name__}: {_first_line(error, 120)}); "
+            f"out of memory while {stage} ({type(error).__name__}: {first_line(error, 120)}); "
             "use a smaller model or batch (e.g. --config.model.hidden, "
             f"--config.train.batch_size, --config.eval.batch_size); {report}",
             1,
@@ -360,7 +354,7 @@ def describe(error: BaseException, guard: Guard) -> tuple[str, int]:
         problem = _os_problem(error, stage)
         if problem is not None:
             return f"{problem}; {report}", 1
-    what = f"{type(error).__name__}: {_first_line(error)}".rstrip(": ")
+    what = f"{type(error).__name__}: {first_line(error) if str(error).strip() else ''}".rstrip(": ")
     return (
         f"{guard.command} failed unexpectedly while {stage} ({what}); this is not a mistake "
         f"in your input: {report}",
@@ -471,7 +465,7 @@ def run(command: str, body: Callable[[Guard], int | None], *, program: bool = Fa
                 try:
                     line, code = describe(e, guard)
                 except Exception:  # the report itself failed: still one line
-                    line, code = f"{command} failed while {guard.stage} ({_first_line(e)})", 1
+                    line, code = f"{command} failed while {guard.stage} ({first_line(e)})", 1
                 _say(f"error: {line}")
             return code
     except KeyboardInterrupt:  # a second Ctrl-C while the first was being reported
@@ -521,7 +515,7 @@ def install_excepthook() -> None:
         try:
             line, _ = describe(error, guard)
         except Exception:
-            line = f"{guard.command} failed while {guard.stage} ({_first_line(error)})"
+            line = f"{guard.command} failed while {guard.stage} ({first_line(error)})"
         _say(f"error: {line}")
 
     hook._dae_jax = True  # type: ignore[attr-defined]

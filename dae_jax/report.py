@@ -23,7 +23,7 @@ from typing import Any
 import ml_collections
 
 from dae_jax import models, runfiles
-from dae_jax.errors import UserError
+from dae_jax.errors import UserError, one_line
 
 
 def where(device: dict[str, Any]) -> str:
@@ -195,8 +195,8 @@ def parse(
     set. Returns None after printing ``--help``; a mistake raises a ``UserError``."""
     from absl import flags
 
-    from dae_jax.cli import DEFAULT_CONFIG, repeated_flag, swallowed_value
-    from dae_jax.configs import define_config_flag, resolve_argv
+    from dae_jax.cli import repeated_flag, swallowed_value
+    from dae_jax.configs import DEFAULT_CONFIG, define_config_flag, resolve_argv
 
     g.stage, g.writes_workdir = "reading the command line", True
     argv = resolve_argv(argv)  # --config=seed: the installed config
@@ -229,7 +229,7 @@ def parse(
         config = values.config
         config.to_dict()
     except flags.Error as e:
-        raise UserError(f"{_one_line(e)} (--help lists the flags)") from None
+        raise UserError(f"{one_line(e)} (--help lists the flags)") from None
     except Exception as e:  # a config file or an override can raise anything
         raise UserError(_config_problem(argv, e)) from None
     g.verbose = values.verbose
@@ -379,9 +379,4 @@ def _config_problem(argv: Sequence[str], error: Exception) -> str:
     for key in keys:
         if f"'{key.split('.')[-1]}'" in str(error):
             return f"unknown config key {key!r} (--config.{key}); --help lists the config keys"
-    return f"cannot load the --config file: {_one_line(error)}"
-
-
-def _one_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return " ".join(lines) if lines else type(error).__name__
+    return f"cannot load the --config file: {one_line(error)}"
