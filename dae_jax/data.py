@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dae_jax.errors import UserError
+from dae_jax.errors import UserError, first_line
 
 IDX_NAMES = ("mnist", "fashion_mnist", "kmnist")  # also readable from local IDX files
 TFDS_NAMES = (*IDX_NAMES, "cifar10", "svhn_cropped", "stl10", "celeb_a")
@@ -139,6 +139,25 @@ def _idx_path(directory: Path, stem: str) -> Path | None:
     return None
 
 
+# The first ten training labels of the real files: IDX files of one dataset given under
+# another's name are refused (they would train and be reported as the wrong dataset).
+FINGERPRINTS = {
+    "mnist": (5, 0, 4, 1, 9, 2, 1, 3, 1, 4),
+    "fashion_mnist": (9, 0, 0, 3, 0, 2, 7, 2, 5, 5),
+}
+
+
+def _check_fingerprint(directory: Path, name: str, labels: np.ndarray) -> None:
+    first = tuple(int(v) for v in labels[:10])
+    for other, fingerprint in FINGERPRINTS.items():
+        if other != name and first == fingerprint:
+            raise UserError(
+                f"data.local_dir={directory} holds {other}'s IDX files (its first training "
+                f"labels), not {name}'s: give --config.data.name={other}, or the directory "
+                f"of {name}'s files"
+            )
+
+
 def load_idx_dir(directory: Path, name: str) -> Dataset:
     """The dataset in ``directory``: the four standard IDX files, ``.gz`` or raw."""
     if not directory.is_dir():
@@ -166,6 +185,7 @@ def load_idx_dir(directory: Path, name: str) -> Dataset:
                 f"{directory}: {len(images)} {split} images but {len(labels)} labels; "
                 "the files belong to different datasets"
             )
+    _check_fingerprint(directory, name, arrays["train", "labels"])
     return Dataset(
         name=name,
         source=f"idx:{directory}",
@@ -275,7 +295,7 @@ def load_tfds(name: str, data_dir: str | None, train_size: int = 0, test_size: i
                 exit_code=1,
             ) from None
         except OSError as e:
-            raise _offline_error(name, f"download failed: {_first_line(e)}") from None
+            raise _offline_error(name, f"download failed: {first_line(e)}") from None
     train_images, train_labels = _read_tfds_split(builder, "train", train_size)
     test_images, test_labels = _read_tfds_split(builder, "test", test_size)
     return Dataset(
@@ -287,10 +307,6 @@ def load_tfds(name: str, data_dir: str | None, train_size: int = 0, test_size: i
         test_labels=test_labels,
         class_names=CLASS_NAMES.get(name) or _class_names(builder),
     )
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 # ------------------------------------------------------------------------ photos
@@ -337,7 +353,7 @@ def read_photo(path: Path) -> np.ndarray:
                     pixels = pixels[..., 0]
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(
-            f"cannot read image {path} ({_first_line(e)}); remove or replace it"
+            f"cannot read image {path} ({first_line(e)}); remove or replace it"
         ) from None
     return pixels[..., None] if pixels.ndim == 2 else pixels
 

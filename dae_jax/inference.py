@@ -19,7 +19,7 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from dae_jax import checkpointing, data, runfiles, train
 from dae_jax.configs import validate
-from dae_jax.errors import UserError
+from dae_jax.errors import UserError, first_line
 
 
 def _stderr(line: str) -> None:
@@ -48,9 +48,14 @@ def evaluate_workdir(
         config.noise.level = noise_level
     validate(config)  # before anything is restored or compiled
     run = checkpointing.restore(workdir, model=model, warn=say)
-    config.seed = run.config.seed  # a population member's own seed and level
+    config.seed = run.config.seed  # a population member's own seed, noise kind and level
+    if noise_kind is None:
+        config.noise.kind = run.config.noise.kind
     if noise_level is None:
         config.noise.level = run.config.noise.level
+    # The level as applied (float32), in its shortest spelling: the file name and record.
+    level = str(np.float32(config.noise.level))
+    config.noise.level = float(level)
     members = len((runfiles.read_json(workdir / "population.json") or {}).get("members", []))
     dataset = data.load(config.data, seed=config.seed)
     graphdef, params = train.nnx.split(run.model)
@@ -75,11 +80,11 @@ def evaluate_workdir(
         **{name: float(value) for name, value in values.items()},
     }
     member = f"-model{model}" if members > 1 else ""
-    out = workdir / "evaluation" / f"{config.noise.kind}-{float(config.noise.level):g}{member}.json"
+    out = workdir / "evaluation" / f"{config.noise.kind}-{level}{member}.json"
     say(
         f"{workdir}{f' model {model}' if member else ''} (epoch {run.epoch}) on "
         f"{len(dataset.test_images)} {dataset.name} test images, {config.noise.kind} noise "
-        f"at level {float(config.noise.level):g}:"
+        f"at level {level}:"
     )
     say(
         f"  {config.loss} loss {record['test_loss']:.5f}  "
@@ -185,12 +190,8 @@ def _open_error(path: Path, error: Exception) -> str:
     if isinstance(error, OSError):
         if error.strerror:
             return error.strerror
-        return f"the file is damaged, truncated or of an unsupported kind ({_first_line(error)})"
-    return _first_line(error)
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0]
+        return f"the file is damaged, truncated or of an unsupported kind ({first_line(error)})"
+    return first_line(error)
 
 
 def load_image(

@@ -54,6 +54,17 @@ def test_idx_directory_round_trip(tmp_path, gz):
     assert dataset.class_names[3] == "3"
 
 
+def test_idx_files_of_another_dataset_are_refused(tmp_path):
+    write_idx_dir(tmp_path, gz=False)
+    labels = np.array([9, 0, 0, 3, 0, 2, 7, 2, 5, 5] + [1] * 10, np.uint8)  # Fashion-MNIST's
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    with pytest.raises(UserError, match="holds fashion_mnist's IDX files .* not mnist's: give "):
+        data.load(data_config(name="mnist", local_dir=str(tmp_path)))
+    assert data.load(data_config(name="fashion_mnist", local_dir=str(tmp_path))).name == (
+        "fashion_mnist"
+    )
+
+
 def test_subset_sizes(tmp_path):
     write_idx_dir(tmp_path, gz=True)
     dataset = data.load(

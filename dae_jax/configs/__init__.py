@@ -33,6 +33,7 @@ def __getattr__(name: str) -> Any:
 
 
 CONFIG_DIR = Path(__file__).resolve().parent
+DEFAULT_CONFIG = CONFIG_DIR / "default.py"  # --config when none is given
 # Seeds JAX turns into distinct keys: jax.random.key keeps the low 32 bits of an int
 # (2**32 gives the run of seed 0, -1 the run of 2**32 - 1) and overflows past 2**63.
 SEED_LIMIT = 2**32
@@ -272,7 +273,41 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collec
     for key, ok, allowed in [*_data_and_model_checks(get), *_training_checks(get)]:
         if not ok:
             raise _fail(key, get(key), allowed)
+    for key, default_value in _flat(default_config()).items():  # every key has a type
+        problem = _type_problem(_optional(get, key, default_value), default_value)
+        if problem:
+            raise _fail(key, get(key), problem)
     return config
+
+
+def default_config() -> ml_collections.ConfigDict:
+    from dae_jax.configs import default
+
+    return default.get_config()
+
+
+def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _type_problem(value: Any, default: Any) -> str | None:
+    """What a key of ``default``'s type must be, when ``value`` is not of it."""
+    for kind, test, what in (
+        (bool, lambda v: isinstance(v, bool), "True or False"),
+        (int, _is_int, "an integer"),
+        (float, _is_number, "a number"),
+        (str, lambda v: isinstance(v, str), "a string"),
+        (tuple | list, lambda v: isinstance(v, tuple | list), "a list, e.g. (1, 2)"),
+    ):
+        if isinstance(default, kind):
+            return None if test(value) else f"must be {what}, like its default {default!r}"
+    return None
 
 
 def _as_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collections.ConfigDict:
