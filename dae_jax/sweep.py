@@ -44,10 +44,9 @@ from typing import Any
 
 import ml_collections
 
-from dae_jax import checkpointing, grids, report, runfiles
+from dae_jax import checkpointing, grids, metrics, report, runfiles
 from dae_jax.errors import UserError
 
-METRICS = ("psnr", "ssim", "mse")
 SCORING = {  # the scoring stages a sweep may turn off
     "bm3d": "BM3D references",
     "probe": "linear probes of the codes",
@@ -563,18 +562,6 @@ def _corrupt(condition: Condition, clean: Any, key: Any) -> Any:
     return corruption.corrupt(condition.kind, key, clean, level, clip=condition.clip)[0]
 
 
-def _mean_scores(images: Any, clean: Any) -> dict[str, float]:
-    import jax.numpy as jnp
-
-    from dae_jax import metrics
-
-    return {
-        "psnr": float(jnp.mean(metrics.psnr(images, clean))),
-        "ssim": float(jnp.mean(metrics.ssim(images, clean))),
-        "mse": float(jnp.mean(metrics.mse(images, clean))),
-    }
-
-
 def _references(stages, condition, noisy, clean, score, log) -> list[dict[str, Any]]:
     """The noisy input and the classical denoisers tuned at this condition (BM3D too
     for Gaussian noise with ``score["bm3d"]``, when the bm3d package is installed)."""
@@ -584,7 +571,7 @@ def _references(stages, condition, noisy, clean, score, log) -> list[dict[str, A
         at = condition.columns()
         rows = [
             {"model": "noisy input", **at, "metric": m, "value": v}
-            for m, v in _mean_scores(noisy, clean).items()
+            for m, v in metrics.scores(noisy, clean).items()
         ]
         kind = condition.kind if score["bm3d"] else ""
         try:
@@ -610,7 +597,7 @@ def _references(stages, condition, noisy, clean, score, log) -> list[dict[str, A
                     "parameter": found["parameter"],
                     **extra,
                 }
-                for m in METRICS
+                for m in metrics.IMAGE
             ]
         return {"all": rows}
 
@@ -642,12 +629,12 @@ def _scores_at(model, noisy, clean, condition: Condition, subsets) -> list[dict[
     only, ``*_subset`` scores on the same N."""
     denoised = model(noisy)
     at = condition.columns()
-    rows = [{**at, "metric": m, "value": v} for m, v in _mean_scores(denoised, clean).items()]
+    rows = [{**at, "metric": m, "value": v} for m, v in metrics.scores(denoised, clean).items()]
     n = subsets.get(condition.level) if condition.kind == "gaussian" else None
     if n:
         rows += [
             {**at, "metric": f"{m}_subset", "value": v, "images": n}
-            for m, v in _mean_scores(denoised[:n], clean[:n]).items()
+            for m, v in metrics.scores(denoised[:n], clean[:n]).items()
         ]
     return rows
 

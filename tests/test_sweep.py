@@ -78,6 +78,18 @@ def test_eight_models_train_as_two_programs_into_one_tidy_table(target):
     run = dae_jax.restore(workdir / "models" / "model.tied_weights=True", model=3, warn=print)
     assert run.config.model.tied_weights and run.config.noise.kind == "masking"
     assert run.config.seed == 1
+    # evaluate takes a member's own noise kind and level; the level in one spelling
+    population = workdir / "models" / "model.tied_weights=True"
+    for spelling in ("0.25", "2.5e-1"):
+        result = cli_here("evaluate", f"--workdir={population}", "--model=3")
+        assert result.returncode == 0, result.stderr
+        result = cli_here(
+            "evaluate", f"--workdir={population}", "--model=3", f"--noise.level={spelling}"
+        )
+        assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (population / "evaluation").iterdir()) == [
+        "masking-0.25-model3.json"
+    ]
     # TensorBoard tells the runs apart by their axis values.
     assert (
         workdir / "models" / "model.tied_weights=True" / "tensorboard" / "model-3" / "hparams"
