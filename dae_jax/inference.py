@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from dae_jax import checkpointing, data, runfiles, train
+from dae_jax import checkpointing, data, runfiles, step
 from dae_jax.configs import validate
 from dae_jax.errors import UserError, first_line
 
@@ -58,13 +58,13 @@ def evaluate_workdir(
     config.noise.level = float(level)
     members = len((runfiles.read_json(workdir / "population.json") or {}).get("members", []))
     dataset = data.load(config.data, seed=config.seed)
-    graphdef, params = train.nnx.split(run.model)
-    setup = train.Setup.from_config(config, graphdef)
+    graphdef, params = nnx.split(run.model)
+    setup = step.Setup.from_config(config, graphdef)
     batches, weights = jax.device_put(
-        train.padded_test_batches(dataset, config.eval.batch_size, config)
+        step.padded_test_batches(dataset, config.eval.batch_size, config)
     )
-    eval_key = train.key_streams(config.seed).eval
-    values = jax.jit(train.evaluate, static_argnums=0)(
+    eval_key = step.key_streams(config.seed).eval
+    values = jax.jit(step.evaluate, static_argnums=0)(
         setup, params, batches, weights, eval_key, jnp.float32(config.noise.level)
     )
     record = {
