@@ -177,7 +177,7 @@ def fit_many(
         if learning_rates is not None:
             own["optim.learning_rate"] = learning_rates[k]
         base = Member.of(config, seed=int(seed)).mapping
-        member = Member(int(seed), tuple(float(own.get(key, base[key])) for key in TRACED))
+        member = Member.from_record({**base, **own, "seed": int(seed)}, config)
         validate(member.config(config))
         members.append(member)
     run = functools.partial(

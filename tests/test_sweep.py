@@ -96,6 +96,7 @@ def test_eight_models_train_as_two_programs_into_one_tidy_table(target):
     ).is_dir()
 
 
+@pytest.mark.slow
 def test_the_same_command_again_trains_nothing_and_writes_the_same_results(target, tmp_path):
     workdir, _ = target
     copy = tmp_path / "w"
@@ -110,6 +111,7 @@ def test_the_same_command_again_trains_nothing_and_writes_the_same_results(targe
     assert (copy / "results.md").read_text() == before
 
 
+@pytest.mark.slow
 def test_more_values_extend_a_finished_sweep_training_only_the_new_models(target, tmp_path):
     workdir, _ = target
     copy = tmp_path / "w"
@@ -246,6 +248,7 @@ def test_another_base_config_or_an_old_sweep_is_refused(target, tmp_path):
     assert old.returncode == 2 and "written by an older dae_jax" in old.stderr
 
 
+@pytest.mark.slow
 def test_a_grid_file_gives_a_union_of_products(tmp_path):
     grid = tmp_path / "kinds.json"
     grid.write_text(json.dumps({
@@ -272,6 +275,7 @@ def test_a_grid_file_gives_a_union_of_products(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_a_model_that_diverges_is_left_out_and_said_so(tmp_path):
     result = cli_here(
         "sweep", f"--workdir={tmp_path}", "--levels=0.25", "--learning_rates=1e-3,1e30",
