@@ -301,8 +301,9 @@ class _Loop:
         self.say = _Log(log)
         self.graphdef, self.abstract = abstract_state(config, self.k)
         self.setup = Setup.from_config(config, self.graphdef, self.steps)
-        if len({m.value("noise.kind") for m in members}) > 1:  # the kind is traced
-            self.setup = dataclasses.replace(self.setup, noise_kind="")
+        kinds = {str(m.value("noise.kind")) for m in members}  # the members', not the base's
+        kind = kinds.pop() if len(kinds) == 1 else ""  # "": traced, one lax.switch per step
+        self.setup = dataclasses.replace(self.setup, noise_kind=kind)
         self.checkpoints = checkpointing.Checkpoints(
             workdir / "checkpoints", keep=config.checkpoint.keep, warn=self.say
         )

@@ -3,6 +3,7 @@ restorable, one writer per workdir, a sweep on many devices."""
 
 import json
 import subprocess
+import tempfile
 import time
 
 import jax
@@ -265,3 +266,20 @@ def test_a_full_disk_stops_at_the_first_save_keeping_the_last_good_one(tmp_path,
     monkeypatch.undo()  # space again: the run resumes from epoch 1 and finishes
     result = train.fit(config, tmp_path, log=_quiet)
     assert result.summary["resumed_from_step"] == 8 and len(result.history) == 3
+
+
+def test_members_of_one_noise_kind_other_than_the_base_config_s_train_with_theirs():
+    """A population whose members all use masking, on a base config of Gaussian noise,
+    trains exactly the masking run fit makes (the kind is the members', not the base's)."""
+    config = tiny_config(**{"train.epochs": 1})
+    many = train.fit_many(
+        config, seeds=[0], values=[{"noise.kind": "masking", "noise.level": 0.25}], log=_quiet
+    )
+    single = train.fit(
+        tiny_config(**{"train.epochs": 1, "noise.kind": "masking", "noise.level": 0.25}),
+        tempfile.mkdtemp(prefix="dae_jax-test-"), log=_quiet,
+    )  # fmt: skip
+    for a, b in zip(
+        jax.tree.leaves(many.states.params), jax.tree.leaves(single.state.params), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(b))

@@ -270,7 +270,8 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collec
             ) from None
         return node
 
-    for key, ok, allowed in [*_data_and_model_checks(get), *_training_checks(get)]:
+    checks = [*_data_and_model_checks(get), *_training_checks(get), *_optim_checks(get)]
+    for key, ok, allowed in checks:
         if not ok:
             raise _fail(key, get(key), allowed)
     for key, default_value in _flat(default_config()).items():  # every key has a type
@@ -494,29 +495,6 @@ def _training_checks(get: Callable[[str], Any]) -> list[_Check]:
             _finite32(lr) and lr > 0,
             "must be a finite number > 0",
         ),
-        (
-            "optim.weight_decay",
-            _finite32(_optional(get, "optim.weight_decay", 0.0))
-            and _optional(get, "optim.weight_decay", 0.0) >= 0,
-            "must be a finite number >= 0 (0 = Adam, no decay)",
-        ),
-        (
-            "optim.schedule",
-            _optional(get, "optim.schedule", "constant") in SCHEDULES,
-            f"must be one of {', '.join(SCHEDULES)}",
-        ),
-        (
-            "optim.warmup_steps",
-            _is_int(_optional(get, "optim.warmup_steps", 0))
-            and _optional(get, "optim.warmup_steps", 0) >= 0,
-            "must be an integer >= 0",
-        ),
-        (
-            "optim.grad_clip",
-            _finite32(_optional(get, "optim.grad_clip", 0.0))
-            and _optional(get, "optim.grad_clip", 0.0) >= 0,
-            "must be a finite number >= 0 (the global gradient norm to clip to; 0 = off)",
-        ),
     ]
     for key in (
         "train.epochs",
@@ -545,3 +523,32 @@ def _training_checks(get: Callable[[str], Any]) -> list[_Check]:
         ),
     ]
     return checks
+
+
+def _optim_checks(get: Callable[[str], Any]) -> list[_Check]:
+    """The optimizer's keys besides the learning rate (configs before them: defaults)."""
+    return [
+        (
+            "optim.weight_decay",
+            _finite32(_optional(get, "optim.weight_decay", 0.0))
+            and _optional(get, "optim.weight_decay", 0.0) >= 0,
+            "must be a finite number >= 0 (0 = Adam, no decay)",
+        ),
+        (
+            "optim.schedule",
+            _optional(get, "optim.schedule", "constant") in SCHEDULES,
+            f"must be one of {', '.join(SCHEDULES)}",
+        ),
+        (
+            "optim.warmup_steps",
+            _is_int(_optional(get, "optim.warmup_steps", 0))
+            and _optional(get, "optim.warmup_steps", 0) >= 0,
+            "must be an integer >= 0",
+        ),
+        (
+            "optim.grad_clip",
+            _finite32(_optional(get, "optim.grad_clip", 0.0))
+            and _optional(get, "optim.grad_clip", 0.0) >= 0,
+            "must be a finite number >= 0 (the global gradient norm to clip to; 0 = off)",
+        ),
+    ]
