@@ -279,7 +279,7 @@ def plan(
             None,
         )
         if found is None:
-            key = json.dumps(runfiles_plain(static), sort_keys=True)
+            key = json.dumps(_plain(static), sort_keys=True)
             if key not in new:
                 from dae_jax.step import TRACED
 
@@ -297,7 +297,7 @@ def plan(
     return where, list(new.values())
 
 
-def runfiles_plain(value: Any) -> Any:
+def _plain(value: Any) -> Any:
     return json.loads(runfiles.dumps(value))
 
 
@@ -309,7 +309,7 @@ def _base_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
         for part in parents:
             node = node[part]
         node.pop(leaf, None)
-    return runfiles_plain(record)
+    return _plain(record)
 
 
 def _manifest(workdir: Path, base: ml_collections.ConfigDict) -> list[Population]:
@@ -353,7 +353,7 @@ def _save_manifest(workdir: Path, base, populations: list[Population]) -> None:
             "populations": [
                 {
                     "name": p.name,
-                    "static": runfiles_plain(p.static),
+                    "static": _plain(p.static),
                     "members": [m.record() for m in p.members],
                 }
                 for p in populations
@@ -507,7 +507,7 @@ def _run(experiment, config, axes, specs, where, workdir, score, plot, log, comm
         )  # fmt: skip
         for spec, k in members.items():
             rows += _train_rows(spec, result, k)
-        scored = functools_cache(result)
+        scored = functools.cache(result.model)  # each member merged once
         for c in conditions:
             at = {str(k): spec for spec, k in members.items() if c in tested[spec]}
             if at:
@@ -539,18 +539,6 @@ def _run(experiment, config, axes, specs, where, workdir, score, plot, log, comm
 
         plots.reconstructions(workdir / "figures", examples, jax.device_get(clean[:6]))
     return results
-
-
-def functools_cache(result: Any) -> Callable[[int], Any]:
-    """Member k's model, merged once."""
-    models: dict[int, Any] = {}
-
-    def model(k: int) -> Any:
-        if k not in models:
-            models[k] = result.model(k)
-        return models[k]
-
-    return model
 
 
 def _corrupt(condition: Condition, clean: Any, key: Any) -> Any:
@@ -934,17 +922,21 @@ def render(workdir: str | Path) -> None:
     rows = [_numbers_back(r) for r in results["rows"]]
     specs, own = [], {}
     for m in results["members"]:
-        specs.append(Spec(tuple((a, _tuple(m["values"][a])) for a in results["axes"]), m["seed"]))
+        specs.append(
+            Spec(
+                tuple(
+                    (a, (tuple(v) if isinstance(v := m["values"][a], list) else v))
+                    for a in results["axes"]
+                ),
+                m["seed"],
+            )
+        )
         own[specs[-1].values] = m["test"]
     header = (workdir / "results.md").read_text().split("\n\n|")[0]
     lines = summary(rows, specs, own)
     body = markdown(lines, results["axes"], rows, results["score"])
     (workdir / "results.md").write_text(header + "\n\n" + body)
     figures(workdir / "figures", rows, lines, results["axes"], results["score"], results["plot"])
-
-
-def _tuple(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
 
 
 # ------------------------------------------------------------------- command line
