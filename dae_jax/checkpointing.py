@@ -33,8 +33,10 @@ from dae_jax import models
 from dae_jax.configs import default
 from dae_jax.errors import UserError, first_line
 
-# Keys whose change would change what a run computes: refused on resume.
-# (train.epochs may grow; logging, evaluation and checkpoint settings may change.)
+# Keys whose change would change what a run computes: refused on resume (a section: each
+# of its keys, less RESUMABLE). train.epochs may grow; the learning rate may change;
+# logging, evaluation and checkpoint settings may change.
+RESUMABLE = ("optim.learning_rate",)
 SCIENCE_KEYS = (
     "seed",
     "data.name",
@@ -50,10 +52,7 @@ SCIENCE_KEYS = (
     "noise",
     "loss",
     "train.batch_size",
-    "optim.weight_decay",
-    "optim.schedule",
-    "optim.warmup_steps",
-    "optim.grad_clip",
+    "optim",
 )
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
@@ -103,7 +102,7 @@ def science_changes(saved: dict, config: ml_collections.ConfigDict) -> list[str]
         if before != after:
             if isinstance(before, dict) and isinstance(after, dict):
                 for sub in sorted(set(before) | set(after)):
-                    if before.get(sub) != after.get(sub):
+                    if before.get(sub) != after.get(sub) and f"{key}.{sub}" not in RESUMABLE:
                         changes.append(f"{key}.{sub}: {before.get(sub)} -> {after.get(sub)}")
             else:
                 changes.append(f"{key}: {before} -> {after}")
