@@ -36,6 +36,8 @@ CONFIG_DIR = Path(__file__).resolve().parent
 # Seeds JAX turns into distinct keys: jax.random.key keeps the low 32 bits of an int
 # (2**32 gives the run of seed 0, -1 the run of 2**32 - 1) and overflows past 2**63.
 SEED_LIMIT = 2**32
+# config.precision: the models' compute dtype (dae_jax.models.PRECISIONS maps them to dtypes).
+PRECISIONS = ("float32", "bfloat16")
 
 
 def names() -> tuple[str, ...]:
@@ -317,6 +319,11 @@ def _data_and_model_checks(get: Callable[[str], Any]) -> list[_Check]:
             "compile_cache",
             isinstance(get("compile_cache"), str) and _usable_directory(get("compile_cache")),
             'must be "" (no cache) or a directory this user can create and write to',
+        ),
+        (
+            "precision",
+            _optional(get, "precision", "float32") in PRECISIONS,
+            f"must be one of {', '.join(PRECISIONS)} (the dtype the models compute in)",
         ),
         (
             "profile_steps",
