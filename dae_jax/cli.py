@@ -34,6 +34,7 @@ USAGE = """\
 usage: dae-jax train    --workdir=W [--config=NAME|FILE|W0] [--config.KEY=VALUE ...]
        dae-jax evaluate --workdir=W [--noise.kind=KIND] [--noise.level=LEVEL] [--model=K]
        dae-jax denoise  --workdir=W --output=DIR [--invert] [--model=K] IMAGE...
+       dae-jax bench    [--quick] [--workdir=W] [--compare A.json B.json]
        dae-jax COMMAND --help    (that command's flags; train's lists every config key)
        dae-jax --version
        every command takes --verbose (libraries' warnings on stderr, not only in W/logs/);
@@ -45,6 +46,8 @@ commands:
   evaluate  test loss, PSNR and SSIM of the trained model, under its own corruption
             or another; writes W/evaluation/KIND-LEVEL.json
   denoise   denoise image files (PNG/JPEG/TIFF..., any size) into DIR
+  bench     training speed (ms/step, share of the measured matmul peak, memory) and
+            time to a test PSNR, float32 and bfloat16; --compare A.json B.json
 
 configs by name: --config=default (the default), --config=seed (the tutorial);
 or a Python file with get_config(); or a past run's W0/config.json (or W0) to repeat it
@@ -56,7 +59,7 @@ COMMANDS = ("train", "evaluate", "denoise")
 # Commands that parse their own flags (each its own ``FlagValues``): the module's
 # ``command(argv, guard) -> int`` runs them; its ``main(argv) -> int`` is the same,
 # guarded, for tests and scripts.
-OWN_FLAGS: dict[str, str] = {}
+OWN_FLAGS: dict[str, str] = {"bench": "dae_jax.bench"}
 # The flags each command takes (besides train's --config.KEY=VALUE overrides).
 COMMAND_FLAGS = {
     "train": ("workdir", "config", "verbose"),
