@@ -59,6 +59,7 @@ def test_bench_measures_every_setting_in_both_precisions(tiny_run):
     assert set(results["matmul_peak"]) == {"float32", "bfloat16"}
     assert all(p["flops_per_second"] > 0 for p in results["matmul_peak"].values())
     assert results["bandwidth"]["bytes_per_second"] > 0
+    assert all(load >= 0 for load in results["load_average"])
     # --quick chose the workloads and the time-to-quality precision; the flags the rest.
     assert results["settings"]["workloads"] == ["population", "conv"]
     assert results["settings"]["quality_precisions"] == ["float32"]
