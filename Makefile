@@ -47,9 +47,10 @@ fashion-mnist: install
 demo: install fashion-mnist
 	$(BIN)/dae-jax train --workdir=runs/demo --config=dae_jax/configs/default.py
 
-# Training speed against the device's matmul peak; table on stdout, runs/benchmark/results.json.
+# Training speed (float32, bfloat16) against the device's measured matmul peak, and time to a
+# test PSNR: runs/bench/bench.json, bench.md, figures/ (dae-jax bench --help; --quick: < 3 min).
 bench: install
-	$(BIN)/python experiments/benchmark.py --workdir=runs/benchmark
+	$(BIN)/dae-jax bench --workdir=runs/bench
 
 # The fast tier: every test not marked slow, in this process (under 5 minutes on 2 cores).
 test: install

@@ -35,6 +35,7 @@ usage: dae-jax train    --workdir=W [--config=NAME|FILE|W0] [--config.KEY=VALUE 
        dae-jax denoise  --workdir=W --output=DIR [--invert] [--model=K] IMAGE...
        dae-jax sweep    --workdir=W [--grid=NAME|FILE] [--axis=KEY=V1,V2 ...] [--seeds=0,1,2]
        dae-jax table    W1 [W2 ...] [--csv=FILE]
+       dae-jax bench    [--quick] [--workdir=W] [--compare A.json B.json]
        dae-jax COMMAND --help    (that command's flags; train's lists every config key)
        dae-jax --version
        every command takes --verbose (libraries' warnings on stderr, not only in W/logs/);
@@ -49,6 +50,8 @@ commands:
   sweep     train and score many models: any config key an axis, a product or a named grid
             (noise_sweep, corruption_types, loss_comparison, ...); resumable, extensible
   table     one table of trained runs and sweeps, with the config keys that differ as columns
+  bench     training speed (ms/step, share of the measured matmul peak, memory) and
+            time to a test PSNR, float32 and bfloat16; --compare A.json B.json
 
 configs by name: --config=default (the default), --config=seed (the tutorial);
 or a Python file with get_config(); or a past run's W0/config.json (or W0) to repeat it
@@ -60,7 +63,11 @@ COMMANDS = ("train", "evaluate", "denoise")
 # Commands that parse their own flags (each its own ``FlagValues``): the module's
 # ``command(argv, guard) -> int`` runs them; its ``main(argv) -> int`` is the same,
 # guarded, for tests and scripts.
-OWN_FLAGS: dict[str, str] = {"sweep": "dae_jax.sweep", "table": "dae_jax.table"}
+OWN_FLAGS: dict[str, str] = {
+    "sweep": "dae_jax.sweep",
+    "table": "dae_jax.table",
+    "bench": "dae_jax.bench",
+}
 # The flags each command takes (besides train's --config.KEY=VALUE overrides).
 COMMAND_FLAGS = {
     "train": ("workdir", "config", "verbose"),

@@ -218,7 +218,8 @@ def conv_transpose(layer: nnx.ConvTranspose, x: jax.Array) -> jax.Array:
         total = k + s - 2
         before = k - 1 if s > k - 1 else -(-total // 2)
         pads.append((before, total - before))
-    x = jnp.asarray(x, kernel.dtype)
+    bias = layer.bias[...] if layer.bias is not None else None
+    x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, kernel, bias), dtype=layer.dtype)
     y = conv_general_dilated(
         x,
         kernel,
@@ -228,4 +229,4 @@ def conv_transpose(layer: nnx.ConvTranspose, x: jax.Array) -> jax.Array:
         dimension_numbers=_NHWC,
         precision=layer.precision,
     )
-    return y + layer.bias[...] if layer.bias is not None else y
+    return y + bias if bias is not None else y

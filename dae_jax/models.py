@@ -10,13 +10,18 @@ is ``to_pixels(outputs(x))``. ``encode(x)`` gives flat codes ``[B, Z]`` and ``de
 images. ``image_shape`` is the ``(H, W, C)`` the model was built for: the MLP takes that
 size only; the conv DAE and DnCNN are fully convolutional and take any ``H, W`` with ``C``
 channels. ``create(config, key=...)`` picks the model from ``config.model.kind``.
+
+Precision (``config.precision``; Flax's ``dtype`` / ``param_dtype`` convention): a
+model's ``dtype`` is what it computes in (``jnp.bfloat16`` for mixed precision, None
+for float32); its parameters are float32 always, so its gradients and the optimizer's
+state are too; ``outputs``, ``encode`` and ``decode`` return float32 whatever ``dtype``.
 """
 
 import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +33,8 @@ from dae_jax.errors import UserError
 from dae_jax.fast_conv import conv_general_dilated, conv_transpose
 
 IMAGE_SHAPE = (28, 28, 1)  # the tutorial's images, and what configs saved without a shape mean
+# config.precision -> the models' compute dtype (None: float32, flax's default).
+PRECISIONS: dict[str, jnp.dtype | None] = {"float32": None, "bfloat16": jnp.dtype(jnp.bfloat16)}
 
 
 class InputError(UserError, ValueError):
@@ -69,13 +76,16 @@ class MlpDae(nnx.Module):
         *,
         image_shape: tuple[int, ...] = IMAGE_SHAPE,
         tied_weights: bool = False,
+        dtype: jnp.dtype | None = None,
         rngs: nnx.Rngs,
     ):
         self.image_shape = tuple(image_shape)
         self.tied_weights = tied_weights
+        self.dtype = dtype
         widths = (math.prod(self.image_shape), *hidden)
+        linear = functools.partial(nnx.Linear, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.encoder = nnx.List(
-            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:], strict=True)]
+            [linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)]
         )
         mirrored = widths[::-1]
         if tied_weights:
@@ -84,17 +94,14 @@ class MlpDae(nnx.Module):
             self.decoder_bias = nnx.List([nnx.Param(jnp.zeros((b,))) for b in mirrored[1:]])
         else:
             self.decoder = nnx.List(
-                [
-                    nnx.Linear(a, b, rngs=rngs)
-                    for a, b in zip(mirrored[:-1], mirrored[1:], strict=True)
-                ]
+                [linear(a, b) for a, b in zip(mirrored[:-1], mirrored[1:], strict=True)]
             )
 
     def _decoder_layers(self) -> list:
         if not self.tied_weights:
             return list(self.decoder)
         return [
-            functools.partial(_tied, layer.kernel, bias)
+            functools.partial(_tied, layer.kernel, bias, self.dtype)
             for layer, bias in zip(reversed(self.encoder), self.decoder_bias, strict=True)
         ]
 
@@ -114,19 +121,24 @@ class MlpDae(nnx.Module):
         x = jnp.asarray(x, jnp.float32)
         return x.reshape(x.shape[0], -1)
 
-    def encode(self, x: ArrayLike) -> jax.Array:
+    def _codes(self, x: ArrayLike) -> jax.Array:
         h_BxD = self._flat(x)
         for layer in self.encoder:
             h_BxD = nnx.relu(layer(h_BxD))
-        return h_BxD
+        return h_BxD  # in the compute dtype
 
-    def decode_logits(self, codes_BxZ: ArrayLike) -> jax.Array:
-        """Logits of the reconstruction, flat ``[B, 784]``."""
-        h_BxD = jnp.asarray(codes_BxZ, jnp.float32)
+    def encode(self, x: ArrayLike) -> jax.Array:
+        return self._codes(x).astype(jnp.float32)
+
+    def _decode_logits(self, h_BxD: jax.Array) -> jax.Array:
         *hidden, last = self._decoder_layers()
         for layer in hidden:
             h_BxD = nnx.relu(layer(h_BxD))
-        return last(h_BxD)
+        return last(h_BxD).astype(jnp.float32)
+
+    def decode_logits(self, codes_BxZ: ArrayLike) -> jax.Array:
+        """Logits of the reconstruction, flat ``[B, 784]``."""
+        return self._decode_logits(jnp.asarray(codes_BxZ, jnp.float32))
 
     def decode(self, codes_BxZ: ArrayLike) -> jax.Array:
         pixels_BxP = jax.nn.sigmoid(self.decode_logits(codes_BxZ))
@@ -134,7 +146,7 @@ class MlpDae(nnx.Module):
 
     def logits(self, x: ArrayLike) -> jax.Array:
         """Reconstruction logits in the layout of ``x``: what the losses take."""
-        return self.decode_logits(self.encode(x)).reshape(jnp.shape(x))
+        return self._decode_logits(self._codes(x)).reshape(jnp.shape(x))
 
     outputs = logits
 
@@ -145,8 +157,13 @@ class MlpDae(nnx.Module):
         return jax.nn.sigmoid(self.logits(x))
 
 
-def _tied(kernel_DxH: nnx.Param, bias_D: nnx.Param, h_BxH: jax.Array) -> jax.Array:
-    return h_BxH @ kernel_DxH[...].T + bias_D[...]
+def _tied(
+    kernel_DxH: nnx.Param, bias_D: nnx.Param, dtype: jnp.dtype | None, h_BxH: jax.Array
+) -> jax.Array:
+    h_BxH, kernel, bias = nnx.nn.dtypes.promote_dtype(
+        (h_BxH, kernel_DxH[...], bias_D[...]), dtype=dtype
+    )
+    return h_BxH @ kernel.T + bias
 
 
 class ConvDae(nnx.Module):
@@ -184,6 +201,7 @@ class ConvDae(nnx.Module):
         convs_per_level: int = 1,
         image_shape: tuple[int, ...] = IMAGE_SHAPE,
         fast_convs: bool = True,
+        dtype: jnp.dtype | None = None,
         rngs: nnx.Rngs,
     ):
         self.image_shape = tuple(image_shape)
@@ -194,6 +212,8 @@ class ConvDae(nnx.Module):
             conv_general_dilated=(
                 conv_general_dilated if fast_convs else jax.lax.conv_general_dilated
             ),
+            dtype=dtype,
+            param_dtype=jnp.float32,
             rngs=rngs,
         )
         channels = tuple(channels)
@@ -213,7 +233,9 @@ class ConvDae(nnx.Module):
         )
         self.decoder = nnx.List(
             [
-                nnx.ConvTranspose(b, a, (3, 3), strides=2, rngs=rngs)
+                nnx.ConvTranspose(
+                    b, a, (3, 3), strides=2, dtype=dtype, param_dtype=jnp.float32, rngs=rngs
+                )
                 for a, b in zip(channels[-2::-1], channels[:0:-1], strict=True)
             ]
         )
@@ -252,7 +274,7 @@ class ConvDae(nnx.Module):
 
     def encode(self, x: ArrayLike) -> jax.Array:
         code = self.features(x)[-1]
-        return code.reshape(code.shape[0], -1)
+        return code.reshape(code.shape[0], -1).astype(jnp.float32)
 
     def _decode_maps(self, code: jax.Array, skips: Sequence[jax.Array] | None) -> jax.Array:
         h = code
@@ -262,7 +284,7 @@ class ConvDae(nnx.Module):
                 h = h + skips[-2 - i]
             for conv in extra:
                 h = nnx.relu(conv(h))
-        return self.output(h)
+        return self.output(h).astype(jnp.float32)
 
     def decode_logits(self, codes_BxZ: ArrayLike) -> jax.Array:
         if self.skip:
@@ -317,6 +339,7 @@ class DnCnn(nnx.Module):
         *,
         image_shape: tuple[int, ...] = IMAGE_SHAPE,
         fast_convs: bool = True,
+        dtype: jnp.dtype | None = None,
         rngs: nnx.Rngs,
     ):
         self.image_shape = tuple(image_shape)
@@ -326,6 +349,8 @@ class DnCnn(nnx.Module):
             conv_general_dilated=(
                 conv_general_dilated if fast_convs else jax.lax.conv_general_dilated
             ),
+            dtype=dtype,
+            param_dtype=jnp.float32,
             rngs=rngs,
         )
         c_in = self.image_shape[-1]
@@ -341,7 +366,7 @@ class DnCnn(nnx.Module):
     def noise(self, x: ArrayLike) -> jax.Array:
         """The predicted noise ``[B, H, W, C]``."""
         images = _as_images(x, self.image_shape[-1], "this DnCNN")
-        return self.layers[-1](self._hidden(images))
+        return self.layers[-1](self._hidden(images)).astype(jnp.float32)
 
     def outputs(self, x: ArrayLike) -> jax.Array:
         """The denoised images, unclipped: the noisy input minus the predicted noise."""
@@ -352,7 +377,7 @@ class DnCnn(nnx.Module):
 
     def encode(self, x: ArrayLike) -> jax.Array:
         h = self._hidden(_as_images(x, self.image_shape[-1], "this DnCNN"))
-        return h.reshape(h.shape[0], -1)
+        return h.reshape(h.shape[0], -1).astype(jnp.float32)
 
     def decode(self, codes_BxZ: ArrayLike) -> jax.Array:
         raise InputError(
@@ -369,33 +394,41 @@ class Kind:
     """A model kind: how a config's ``model`` block builds it and names it. A new kind is
     one entry here (plus its config keys and their checks in ``dae_jax.configs``)."""
 
-    build: Callable[[ml_collections.ConfigDict, tuple[int, int, int], nnx.Rngs], nnx.Module]
+    # (config.model, input shape, compute dtype, rngs) -> the model
+    build: Callable[
+        [ml_collections.ConfigDict, tuple[int, int, int], jnp.dtype | None, nnx.Rngs], nnx.Module
+    ]
     describe: Callable[[ml_collections.ConfigDict], str]
     predicts: str = "logits"  # what the model's ``outputs`` are: "logits" or "pixels"
     fully_convolutional: bool = False
 
 
-def _mlp(model: ml_collections.ConfigDict, shape: tuple[int, int, int], rngs: nnx.Rngs) -> MlpDae:
+_Shape = tuple[int, int, int]
+
+
+def _mlp(model: ml_collections.ConfigDict, shape: _Shape, dtype: Any, rngs: nnx.Rngs) -> MlpDae:
     return MlpDae(
         tuple(model.hidden),
         image_shape=shape,
         tied_weights=bool(model.get("tied_weights", False)),
+        dtype=dtype,
         rngs=rngs,
     )
 
 
-def _conv(model: ml_collections.ConfigDict, shape: tuple[int, int, int], rngs: nnx.Rngs) -> ConvDae:
+def _conv(model: ml_collections.ConfigDict, shape: _Shape, dtype: Any, rngs: nnx.Rngs) -> ConvDae:
     return ConvDae(
         tuple(model.channels),
         skip=bool(model.skip),
         convs_per_level=int(model.get("convs_per_level", 1)),
         image_shape=shape,
+        dtype=dtype,
         rngs=rngs,
     )
 
 
-def _dncnn(model: ml_collections.ConfigDict, shape: tuple[int, int, int], rngs: nnx.Rngs) -> DnCnn:
-    return DnCnn(int(model.depth), int(model.features), image_shape=shape, rngs=rngs)
+def _dncnn(model: ml_collections.ConfigDict, shape: _Shape, dtype: Any, rngs: nnx.Rngs) -> DnCnn:
+    return DnCnn(int(model.depth), int(model.features), image_shape=shape, dtype=dtype, rngs=rngs)
 
 
 KINDS: dict[str, Kind] = {
@@ -443,10 +476,16 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 
 def create(config: ml_collections.ConfigDict, *, key: jax.Array) -> Dae:
-    """The model a config describes, initialised from ``key``."""
+    """The model a config describes, initialised from ``key``, computing in
+    ``config.precision`` (configs saved before it existed: float32)."""
     return kind(config).build(  # type: ignore[return-value]
-        config.model, input_shape(config), nnx.Rngs(params=key)
+        config.model, input_shape(config), compute_dtype(config), nnx.Rngs(params=key)
     )
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype | None:
+    """``config.precision`` as the models' ``dtype`` (None: float32)."""
+    return PRECISIONS[config.get("precision", "float32")]
 
 
 def describe(config: ml_collections.ConfigDict) -> str:

@@ -283,3 +283,51 @@ def image_grid(
     fig.subplots_adjust(left=0.08, right=0.99, top=0.92, bottom=0.02, wspace=0.05, hspace=0.05)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
+
+
+def population_figure(path: Path, rows: Sequence[dict]) -> None:
+    """``dae-jax bench``: examples/s against the population size K, one line per batch
+    size and precision (log-log: a flat line is no gain from training K models at once)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=DPI)
+    lines: dict[tuple, list] = {}
+    for r in rows:
+        if r.get("workload") == "population" and "skipped" not in r:
+            lines.setdefault((r["batch_size"], r["precision"]), []).append(r)
+    for (batch, precision), points in sorted(lines.items()):
+        points = sorted(points, key=lambda r: r["models"])
+        ax.plot(
+            [r["models"] for r in points],
+            [r["examples_per_second"] for r in points],
+            marker="o",
+            linestyle="-" if precision == "float32" else "--",
+            label=f"batch {batch}, {precision}",
+        )
+    if lines:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+    ax.set_title("Population scaling: the seed MLP, K models trained at once", fontsize=9)
+    _finish(fig, ax, path, "models trained at once (K)", "examples per second (all models)")
+
+
+def roofline_figure(path: Path, rows: Sequence[dict], peaks: dict, bandwidth: dict) -> None:
+    """``dae-jax bench``: achieved FLOP/s against arithmetic intensity (XLA's FLOPs per
+    byte accessed) for every row, under the measured matmul peaks and memory bandwidth."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=DPI)
+    timed = [r for r in rows if "skipped" not in r and r.get("arithmetic_intensity")]
+    intensities = [r["arithmetic_intensity"] for r in timed] or [1.0]
+    x = np.geomspace(min(intensities) / 4, max(intensities) * 4, 100)
+    for precision, peak in peaks.items():
+        flops = peak["flops_per_second"]
+        roof = np.minimum(flops, bandwidth["bytes_per_second"] * x)
+        ax.plot(x, roof, color="black", linestyle="-" if precision == "float32" else "--",
+                label=f"{precision} matmul peak {flops / 1e9:,.0f} GFLOP/s, "
+                f"{bandwidth['bytes_per_second'] / 1e9:,.0f} GB/s")  # fmt: skip
+    markers = {"population": "o", "conv": "s", "patch": "^"}
+    for r in timed:
+        label = f"{r['workload']} B={r['batch_size']} K={r['models']} {r['precision']}"
+        ax.scatter(r["arithmetic_intensity"], r["flops_per_second"], s=18,
+                   marker=markers.get(r["workload"], "o"), label=label)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_title("Roofline: the training step, XLA's counts", fontsize=9)
+    _finish(fig, ax, path, "arithmetic intensity (FLOPs per byte accessed)", "FLOP/s", legend=5)

@@ -135,7 +135,7 @@ def fit_many(
     seeds: Sequence[int],
     levels: Sequence[float] | None = None,
     learning_rates: Sequence[float] | None = None,
-    values: Sequence[dict[str, float]] | None = None,
+    values: Sequence[dict[str, Any]] | None = None,
     workdir: str | Path | None = None,
     dataset: data.Dataset | None = None,
     train_indices: Sequence[np.ndarray] | None = None,

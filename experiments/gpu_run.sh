@@ -19,6 +19,9 @@
 # noise sweep (7 sigma x 3 seeds, 10 epochs, BM3D and the probe included) end to end; the
 # conv DAE's sweep at sigma 0.1 and 0.5 (BM3D on the same images); a default
 # `dae-jax train` with TensorBoard on and 20 steps profiled.
+# PART=4 (issue 20): `dae-jax bench` in full (K up to 256, float32 = TF32 beside bfloat16,
+# time to 18.5 dB on .gpudata's Fashion-MNIST); its bench.json compares with the CPU's:
+# `dae-jax bench --compare experiments/results/bench-cpu/bench.json DIR/bench.json`.
 # Everything lands in $OUT/gpu_results.tgz (re-packed after each step) and $OUT/log.txt.
 set -u
 OUT=${OUT:-runs/gpu_out}
@@ -62,7 +65,9 @@ step() {  # name, most seconds, command...
   tar czf "$OUT/gpu_results.tgz" --exclude=checkpoints -C "$RESULTS" . 2>/dev/null
 }
 
-if [ "${PART:-1}" = 3 ]; then
+if [ "${PART:-1}" = 4 ]; then
+  step "dae-jax bench" 500 $PY -m dae_jax bench --workdir="$RESULTS/bench" --data_dir=.gpudata
+elif [ "${PART:-1}" = 3 ]; then
   for round in 1 2; do
     if [ -d .oldtree ]; then
       step "benchmark before the engine, round $round" 60 env PYTHONPATH=$PWD/.oldtree:$PYTHONPATH \

@@ -2,6 +2,7 @@
 
     python experiments/perf_variants.py            # the training loop's variants
     python experiments/perf_variants.py conv_ops [NAME]  # the conv DAE's layers, op by op
+    python experiments/perf_variants.py conv_profile DIR  # its whole step, per XLA op
 
 Seed model (784-512-256-128 mirrored), batch 128, Adam, Gaussian noise, random uint8
 images resident on the device; median of 5 calls of 100 steps each, after a warm-up.
@@ -12,6 +13,10 @@ jitted alone: forward, input gradient and kernel gradient, as ``lax`` computes t
 does (kernel gradient tap by tap), plus the sub-pixel form of the transposed
 convolutions (a stride-1 2x2 convolution to 4x the channels, then depth-to-space).
 The variants run interleaved, ``--repeats`` rounds; min and median ms.
+
+``conv_profile``: the default conv DAE's training chunk (``dae-jax train
+--config.model.kind=conv``, batch 128, 4 steps) under ``jax.profiler.trace(DIR)``; the
+XLA:CPU thunks' time (summed over its threads) per step, by op kind.
 """
 
 import functools
@@ -186,8 +191,43 @@ def conv_ops(only: str = "", repeats: int = 7, batch: int = 128) -> None:
             print(f"| {name} | {form} | " + " | ".join(cells) + " |", flush=True)
 
 
+def conv_profile(directory: str, length: int = 4) -> None:
+    import collections
+    import re
+
+    from dae_jax.bench import conv_config
+
+    config = conv_config()
+    graphdef, state = train.init_state(config, jax.random.key(0))
+    setup = train.Setup.from_config(config, graphdef)
+    pixels = np.random.default_rng(0).integers(0, 256, (4096, 28, 28, 1), dtype=np.uint8)
+    order = train.epoch_order(jax.random.key(1), 0, num_examples=4096, steps=32, batch_size=128)
+    rest = (jax.device_put(pixels), order, jnp.int32(0), jax.random.key(2))
+    hyper = jax.tree.map(lambda x: x[0], train.hyper_of([train.Member.of(config).mapping]))
+    chunk = jax.jit(functools.partial(train.train_chunk, setup, length), donate_argnums=0)
+    state = chunk(state, jnp.bool_(True), *rest, hyper)[0]  # compile and warm up
+    with jax.profiler.trace(directory):
+        start = time.perf_counter()
+        jax.block_until_ready(chunk(state, jnp.bool_(True), *rest, hyper))
+        wall = time.perf_counter() - start
+    [path] = list(__import__("pathlib").Path(directory).rglob("*.xplane.pb"))
+    kinds: collections.Counter = collections.Counter()
+    for plane in jax.profiler.ProfileData.from_file(str(path)).planes:
+        for line in plane.lines:
+            if line.name.startswith("tf_XLAEigen"):  # XLA:CPU's worker threads
+                for event in line.events:
+                    if not event.name.startswith("ThunkExecutor"):
+                        kinds[re.sub(r"\.\d+$", "", event.name)] += event.duration_ns
+    total = sum(kinds.values())
+    print(f"{1e3 * wall / length:.0f} ms a step (wall); ops {total / 1e6 / length:.0f} ms")
+    for kind, ns in kinds.most_common(12):
+        print(f"| {kind} | {ns / 1e6 / length:.1f} | {100 * ns / total:.0f}% |")
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["conv_ops"]:
+    if sys.argv[1:2] == ["conv_profile"]:
+        conv_profile(sys.argv[2])
+    elif sys.argv[1:2] == ["conv_ops"]:
         conv_ops(" ".join(sys.argv[2:]))
     else:
         main()

@@ -183,7 +183,7 @@ def test_help_on_every_subcommand(capsys, calls, command, flag):
             assert f"  --config.{key}={value}\n" in out
         keys = [line.split("=")[0] for line in out.splitlines() if line.startswith("  --config.")]
         assert keys[1:] == [f"  --config.{key}" for key, _ in cli._config_keys()]
-        assert len(keys) == 1 + 41  # the override flag, then every key
+        assert len(keys) == 1 + 42  # the override flag, then every key
     if command == "evaluate":
         assert "--noise.kind=KIND    gaussian, masking, salt_and_pepper" in out
     if command == "denoise":

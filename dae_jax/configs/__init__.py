@@ -38,6 +38,8 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.py"  # --config when none is given
 # (2**32 gives the run of seed 0, -1 the run of 2**32 - 1) and overflows past 2**63.
 SEED_LIMIT = 2**32
 SCHEDULES = ("constant", "cosine")  # optim.schedule: dae_jax.step.Optim
+# config.precision: the models' compute dtype (dae_jax.models.PRECISIONS maps them to dtypes).
+PRECISIONS = ("float32", "bfloat16")
 
 
 def names() -> tuple[str, ...]:
@@ -354,6 +356,11 @@ def _data_and_model_checks(get: Callable[[str], Any]) -> list[_Check]:
             "compile_cache",
             isinstance(get("compile_cache"), str) and _usable_directory(get("compile_cache")),
             'must be "" (no cache) or a directory this user can create and write to',
+        ),
+        (
+            "precision",
+            _optional(get, "precision", "float32") in PRECISIONS,
+            f"must be one of {', '.join(PRECISIONS)} (the dtype the models compute in)",
         ),
         (
             "profile_steps",

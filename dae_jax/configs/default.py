@@ -20,6 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
     # JAX's persistent compilation cache: a second run of the same config skips
     # compiling. "" turns it off.
     config.compile_cache = "~/.cache/dae_jax/jax_compile_cache"
+    # float32 | bfloat16: the dtype the models compute in (matmuls, convolutions,
+    # activations); parameters, gradients and Adam's state stay float32, and the outputs
+    # are cast to float32 before the loss and the metrics (Flax's dtype / param_dtype).
+    config.precision = "float32"
 
     config.data = ml_collections.ConfigDict()
     # mnist | fashion_mnist | kmnist | cifar10 | svhn_cropped | stl10 | celeb_a (tfds names),
