@@ -30,3 +30,9 @@ def one_line(error: BaseException) -> str:
     """All of ``error``'s message on one line (its type's name when it has none)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return " ".join(lines) if lines else type(error).__name__
+
+
+def with_type(error: BaseException, limit: int = 200) -> str:
+    """``Type: first line`` (``Type`` alone when the message is empty)."""
+    name = type(error).__name__
+    return f"{name}: {first_line(error, limit)}" if str(error).strip() else name

@@ -38,7 +38,7 @@ from types import TracebackType
 from typing import Any
 
 import dae_jax
-from dae_jax.errors import Interrupted, UserError, first_line
+from dae_jax.errors import Interrupted, UserError, first_line, with_type
 
 _STOP_SIGNALS = ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))
 _BUFFERED_RECORDS = 5000  # log lines kept in memory until the workdir's log file exists
@@ -339,7 +339,7 @@ def describe(error: BaseException, guard: Guard) -> tuple[str, int]:
         return f"the output stream was closed (broken pipe) while {stage}", 1
     if _out_of_memory(error):
         return (
-            f"out of memory while {stage} ({type(error).__name__}: {first_line(error, 120)}); "
+            f"out of memory while {stage} ({with_type(error, 120)}); "
             "use a smaller model or batch (e.g. --config.model.hidden, "
             f"--config.train.batch_size, --config.eval.batch_size); {report}",
             1,
@@ -354,7 +354,7 @@ def describe(error: BaseException, guard: Guard) -> tuple[str, int]:
         problem = _os_problem(error, stage)
         if problem is not None:
             return f"{problem}; {report}", 1
-    what = f"{type(error).__name__}: {first_line(error) if str(error).strip() else ''}".rstrip(": ")
+    what = with_type(error)
     return (
         f"{guard.command} failed unexpectedly while {stage} ({what}); this is not a mistake "
         f"in your input: {report}",

@@ -104,7 +104,7 @@ def test_an_unexpected_exception_is_one_line_naming_a_crash_log(tmp_path, temp, 
 @pytest.mark.parametrize(
     ("error", "start"),
     [
-        (MemoryError(), "error: out of memory while starting the run (MemoryError: ); use a"),
+        (MemoryError(), "error: out of memory while starting the run (MemoryError); use a"),
         (
             RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 TB"),
             "error: out of memory while starting the run (RuntimeError: RESOURCE_EXHAUSTED",

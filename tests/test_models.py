@@ -293,6 +293,7 @@ def test_bad_precision_is_one_line():
     )
 
 
+@pytest.mark.slow
 def test_bfloat16_training_trains_and_ends_near_float32(tmp_path):
     """``precision=bfloat16`` through the real training loop: the loss falls, the final
     test loss is within 5% of float32's from the same seed (measured: 0.3%, 0.01 dB), and the
