@@ -358,6 +358,8 @@ def _check_backend() -> None:
 def main(argv: Sequence[str], *, program: bool = False) -> int:
     """Runs ``dae-jax`` with ``argv`` under the crash guard; returns the exit code.
     ``program``: this process is the ``dae-jax`` command (see ``guard.run``)."""
+    if len(argv) > 2 and argv[1] == "help" and argv[2] in OWN_FLAGS:
+        argv = [argv[0], argv[2], "--help"]
     if len(argv) > 1 and argv[1] in OWN_FLAGS:
         import importlib
 

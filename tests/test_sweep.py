@@ -341,3 +341,13 @@ def test_kill_9_at_five_random_moments_then_resume_gives_the_same_results(tmp_pa
     )
     assert final.returncode == 0, final.stderr
     assert (workdir / "results.csv").read_text() == (tmp_path / "clean" / "results.csv").read_text()
+
+
+@pytest.mark.parametrize("command", ["sweep", "table", "bench"])
+def test_help_of_the_commands_that_parse_their_own_flags(command):
+    for args in (("help", command), (command, "--help")):
+        result = cli_here(*args)
+        assert result.returncode == 0, result.stderr
+        assert f"dae-jax {command}" in result.stdout and "--" in result.stdout
+    if command == "sweep":
+        assert "noise_sweep:" in result.stdout and "--axis" in result.stdout
