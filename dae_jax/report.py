@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from dae_jax import models, runfiles
+from dae_jax import configs, models, runfiles
 from dae_jax.errors import UserError, one_line
 
 
@@ -317,24 +317,6 @@ def quick_or_given(
     return holder.value
 
 
-def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
-
-
 def apply_quick(
     quick: Callable[[ml_collections.ConfigDict], None],
     config: ml_collections.ConfigDict,
@@ -349,15 +331,15 @@ def apply_quick(
     Returns the seeds."""
     given = {a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")}
     given |= {a[len("-config.") :].split("=", 1)[0] for a in argv if a.startswith("-config.")}
-    before = _flat(config)
+    before = configs.flat(config)
     quick(config)
-    after = _flat(config)
+    after = configs.flat(config)
     set_, kept = [], []
     for key, value in after.items():
         if value == before.get(key):
             continue
         if key in given:
-            _set(config, key, before[key])
+            configs.set_key(config, key, before[key])
             kept.append(f"{key}={before[key]!r}")
         else:
             set_.append(f"{key}={value!r}")

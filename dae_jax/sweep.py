@@ -44,7 +44,7 @@ from typing import Any
 
 import ml_collections
 
-from dae_jax import checkpointing, grids, metrics, report, runfiles
+from dae_jax import checkpointing, configs, grids, metrics, report, runfiles
 from dae_jax.errors import UserError
 
 SCORING = {  # the scoring stages a sweep may turn off
@@ -61,24 +61,9 @@ FORMAT = 2  # sweep.json's layout
 # ------------------------------------------------------------------ grids and members
 
 
-def get(config: ml_collections.ConfigDict, key: str) -> Any:
-    node = config
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
-def put(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
-
-
 def check_axis_key(key: str, base: ml_collections.ConfigDict) -> None:
     try:
-        value = get(base, key)
+        value = configs.get_key(base, key)
     except (KeyError, AttributeError):
         raise UserError(
             f"--axis={key}=...: unknown config key {key!r} (dae-jax train --help lists them)"
@@ -100,7 +85,7 @@ def check_axis_key(key: str, base: ml_collections.ConfigDict) -> None:
 
 def coerce(key: str, value: Any, base: ml_collections.ConfigDict) -> Any:
     """``value`` as the type of ``key``'s default (text from ``--axis`` parsed first)."""
-    default = get(base, key)
+    default = configs.get_key(base, key)
     if isinstance(value, str) and not isinstance(default, str):
         text = value.strip()
         if isinstance(default, bool) and text.lower() in ("true", "false"):
@@ -202,7 +187,7 @@ class Spec:
     def config(self, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         config = ml_collections.ConfigDict(base.to_dict())
         for key, value in self.values:
-            put(config, key, value)
+            configs.set_key(config, key, value)
         config.seed = self.seed
         return config
 
@@ -221,7 +206,7 @@ def expand(
         keys = list(product)
         for combo in itertools.product(*(product[k] for k in keys)):
             chosen = dict(zip(keys, combo, strict=True))
-            values = tuple((a, chosen[a] if a in chosen else get(base, a)) for a in axes)
+            values = tuple((a, chosen.get(a, configs.get_key(base, a))) for a in axes)
             for seed in seeds:
                 specs[Spec(values, int(seed))] = None
     return axes, list(specs)
@@ -242,7 +227,7 @@ class Population:
     def config(self, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         config = ml_collections.ConfigDict(base.to_dict())
         for key, value in self.static.items():
-            put(config, key, value)
+            configs.set_key(config, key, value)
         return config
 
 
@@ -251,7 +236,7 @@ def _split(spec: Spec, base: ml_collections.ConfigDict) -> tuple[dict[str, Any],
     its engine member (seed and every traced value)."""
     from dae_jax.step import TRACED, Member
 
-    static = {k: v for k, v in spec.values if k not in TRACED and v != get(base, k)}
+    static = {k: v for k, v in spec.values if k not in TRACED and v != configs.get_key(base, k)}
     return dict(sorted(static.items())), Member.of(spec.config(base))
 
 
@@ -1008,7 +993,7 @@ def command(argv: list[str], g: Any) -> int:
                 f"--config.{key} does not apply here: the {name} grid sets it ({value!r}); "
                 f"vary it with --axis={key}=..."
             )
-        put(config, key, coerce(key, value, config))
+        configs.set_key(config, key, coerce(key, value, config))
     prods = products(grid, axes, config)
     for key in given:
         if key == "seed" or any(key in p for p in prods):

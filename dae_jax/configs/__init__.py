@@ -276,7 +276,7 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collec
     for key, ok, allowed in checks:
         if not ok:
             raise _fail(key, get(key), allowed)
-    for key, default_value in _flat(default_config()).items():  # every key has a type
+    for key, default_value in flat(default_config()).items():  # every key has a type
         problem = _type_problem(_optional(get, key, default_value), default_value)
         if problem:
             raise _fail(key, get(key), problem)
@@ -289,14 +289,32 @@ def default_config() -> ml_collections.ConfigDict:
     return default.get_config()
 
 
-def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+def flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """Every key of ``config`` as a dotted path (``noise.level``) with its value."""
     out: dict[str, Any] = {}
     for key, value in config.items():
         if isinstance(value, ml_collections.ConfigDict):
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flat(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def get_key(config: ml_collections.ConfigDict, key: str) -> Any:
+    """``config``'s value at the dotted path ``key``."""
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    """Sets ``config``'s value at the dotted path ``key``."""
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
 
 
 def _type_problem(value: Any, default: Any) -> str | None:
