@@ -181,7 +181,8 @@ def command(argv: list[str], g: Any) -> int:
         raise UserError(
             f"--metrics={','.join(values.metrics)}: {unknown[0]} is not one of {', '.join(METRICS)}"
         )
-    records = []
+    records: list[dict[str, Any]] = []
+    seen: set[Path] = set()
     g.stage = "reading the runs"
     for name in directories:
         path = Path(name)
@@ -193,7 +194,9 @@ def command(argv: list[str], g: Any) -> int:
                 f"{name} holds no trained run (no summary.json with a config.json); train it first"
             )
         for run in found:
-            records += models(run)
+            if run.resolve() not in seen:  # a run under two of the given directories: once
+                seen.add(run.resolve())
+                records += models(run)
     differ, lines = tabulate(records, values.metrics)
     columns = f"({', '.join(differ)})" if differ else "(none: only their seeds differ)"
     print(f"{len(records)} models in {len(directories)} workdir(s); columns: the config keys "

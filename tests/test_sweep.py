@@ -308,6 +308,8 @@ def test_table_combines_sweeps_and_train_runs_by_their_config_differences(
     assert len(lines) == 1 + 5  # header, 4 sweep combinations (2 seeds each), the train run
     with out.open() as file:
         assert len(list(csv.DictReader(file))) == 9
+    twice = cli_here("table", str(workdir), str(workdir / "models"))
+    assert twice.stdout.startswith("8 models in 2 workdir(s)")  # each run counted once
     empty = cli_here("table", str(tmp_path))
     assert empty.returncode == 2 and "holds no trained run" in empty.stderr
 
