@@ -78,7 +78,7 @@ def test_unknown_command_and_missing_workdir():
     result = run_cli("fly")
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: unknown command 'fly'; use one of: train, evaluate, denoise, sweep, table "
+        "error: unknown command 'fly'; use one of: train, evaluate, denoise, sweep, table, bench "
         "(dae-jax --help)"
     )
     result = run_cli("train")
