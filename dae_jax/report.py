@@ -241,6 +241,8 @@ def parse(
     if not value.strip():
         raise UserError(f"--workdir={value!r} is blank; give the directory the results go to")
     g.workdir = Path(value)
+    if values["seeds"].present and not values.seeds:
+        raise UserError("--seeds is empty; give the seeds, e.g. --seeds=0,1,2")
     seeds = numbers("seeds", values.seeds or ["0", "1", "2"], int, "0,1,2")
     if values.quick:
         seeds = apply_quick(quick, config, argv, seeds, seeds_given=bool(values["seeds"].present))

@@ -56,6 +56,7 @@ SCORING = {  # the scoring stages a sweep may turn off
 SPEED_KEYS = ("compile_cache", "train.log_every", "train.scan_unroll", "profile_steps")
 REFERENCE_MODELS = ("noisy input", "clip", "gaussian_blur", "median_filter", "bm3d")
 FORMAT = 2  # sweep.json's layout
+MAX_MODELS = 4096  # a sweep's members (each is trained, kept on disk and scored)
 
 
 # ------------------------------------------------------------------ grids and members
@@ -427,6 +428,11 @@ def run(
     score = dict.fromkeys(SCORING, True) | (score or {})
     union = [axes] if isinstance(axes, dict) else list(axes)
     names, specs = expand(products({"union": [dict(p) for p in union]}, {}, config), seeds, config)
+    if not specs or len(specs) > MAX_MODELS:
+        raise UserError(
+            f"this sweep has {len(specs)} models; give at least one seed, and at most "
+            f"{MAX_MODELS} models (fewer values per axis, or several sweeps and dae-jax table)"
+        )
     for spec in specs:  # every member is valid, before anything runs
         validate(spec.config(config))
     workdir = Path(workdir)
@@ -981,7 +987,12 @@ def command(argv: list[str], g: Any) -> int:
     values, config, argv = parsed.flags, parsed.config, parsed.argv
     name, grid = load_grid(values.grid) if values.grid else ("sweep", {})
     given = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-    axes = dict(parse_axis(a, config) for a in values.axis)
+    axes: dict[str, list[Any]] = {}
+    for text in values.axis:
+        key, axis_values = parse_axis(text, config)
+        if key in axes:
+            raise UserError(f"--axis={key}=... is given twice; give all its values in one --axis")
+        axes[key] = axis_values
     for flag, key in (("levels", "noise.level"), ("learning_rates", "optim.learning_rate")):
         if values[flag].value:
             if key in axes:

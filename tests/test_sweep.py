@@ -223,6 +223,18 @@ def test_optimizer_options_schedule_and_clipping(tmp_path):
             "config noise.level=2.0 is invalid",
         ),
         (["--config.seed=3"], "--config.seed does not apply here: the seeds are --seeds=0,1,2"),
+        (
+            ["--axis=noise.level=0.1", "--axis=noise.level=0.2"],
+            "--axis=noise.level=... is given twice",
+        ),
+        (["--seeds="], "--seeds is empty; give the seeds, e.g. --seeds=0,1,2"),
+        (
+            [
+                "--axis=model.hidden=(8,),(16,),(32,),(64,)",
+                "--axis=noise.level=" + ",".join(str(v / 1000) for v in range(1, 1100)),
+            ],
+            "this sweep has 13188 models; give at least one seed, and at most 4096 models",
+        ),
     ],
     ids=lambda v: str(v)[:40],
 )
