@@ -230,7 +230,7 @@ def test_optimizer_options_schedule_and_clipping(tmp_path):
         (["--seeds="], "--seeds is empty; give the seeds, e.g. --seeds=0,1,2"),
         (
             [
-                "--axis=model.hidden=(8,),(16,),(32,),(64,)",
+                "--axis=model.depth=2,3,4,5",
                 "--axis=noise.level=" + ",".join(str(v / 1000) for v in range(1, 1100)),
             ],
             "this sweep has 13188 models; give at least one seed, and at most 4096 models",
