@@ -250,14 +250,15 @@ class Checkpoints:
 
     def restore_latest(
         self,
-        abstract_for: Callable[[dict[str, Any]], tuple[Any, bool]],
+        abstract_for: Callable[[dict[str, Any]], Any],
         check: Callable[[dict[str, Any]], None] = lambda meta: None,
-    ) -> tuple[Any, dict[str, Any], bool] | None:
+    ) -> tuple[Any, dict[str, Any]] | None:
         """The newest checkpoint that restores, skipping damaged ones with a warning.
 
         Its meta is read first: ``check(meta)`` may refuse it (its ``UserError`` passes
-        through), and ``abstract_for(meta)`` gives the state's shapes and a flag that is
-        returned with the state and meta."""
+        through), and ``abstract_for(meta)`` gives the state's shapes. A checkpoint
+        written before checkpoints held their population (one model, unstacked) is
+        refused in one line."""
         for step in reversed(self.steps()):
             try:
                 meta = dict(
@@ -270,8 +271,14 @@ class Checkpoints:
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
                 self._damaged(step, e)
                 continue
+            if "members" not in meta:
+                raise UserError(
+                    f"{self.directory} holds checkpoints of an earlier dae_jax (one model "
+                    "saved without its population record, before 0.2); this version cannot "
+                    "resume or restore them: train the run again in a new --workdir"
+                )
             check(meta)
-            abstract, flag = abstract_for(meta)
+            abstract = abstract_for(meta)
             try:
                 state = self.manager.restore(
                     step,
@@ -282,7 +289,7 @@ class Checkpoints:
             except Exception as e:
                 self._damaged(step, e)
                 continue
-            return state, meta, flag
+            return state, meta
         return None
 
     def _damaged(self, step: int, e: Exception) -> None:
@@ -415,23 +422,19 @@ def restore(workdir: str | Path, *, model: int = 0, warn: Callable[[str], None] 
         load_config(workdir)  # says whether the workdir holds a run at all
     config = None
 
-    def abstract_for(meta: dict[str, Any]) -> tuple[Any, bool]:
+    def abstract_for(meta: dict[str, Any]) -> Any:
         nonlocal config
         config = (
             ml_collections.ConfigDict(meta["config"]) if "config" in meta else load_config(workdir)
         )
-        members = meta.get("members")
-        if members is None:
-            if model != 0:
-                raise UserError(f"{workdir} holds a single model; --model={model} does not exist")
-            return steps.abstract_state(config)[1], True
+        members = meta["members"]
         if not 0 <= model < len(members):
             raise UserError(
                 f"{workdir} holds {len(members)} models (0 to {len(members) - 1}); "
                 f"--model={model} does not exist",
             )
         config = steps.Member.from_record(members[model], config).config(config)
-        return steps.abstract_state(config, len(members))[1], False
+        return steps.abstract_state(config, len(members))[1]
 
     found = None
     if directory.is_dir():
@@ -450,8 +453,8 @@ def restore(workdir: str | Path, *, model: int = 0, warn: Callable[[str], None] 
             f"dae-jax train --workdir={workdir}",
             exit_code=1,
         )
-    state, meta, legacy = found
-    params = state.params if legacy else jax.tree.map(lambda x: x[model], state.params)
+    state, meta = found
+    params = jax.tree.map(lambda x: x[model], state.params)
     graphdef = steps.abstract_state(config)[0]
     return Run(
         model=nnx.merge(graphdef, params),

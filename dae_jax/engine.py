@@ -357,26 +357,13 @@ class _Loop:
                 f"--config.train.epochs={needed} or more to resume it, or use a new --workdir"
             )
 
-    def _abstract_for(self, meta: dict[str, Any]) -> tuple[Any, bool]:
-        """The checkpoint's state shapes; ``legacy``: one model saved unstacked."""
-        if "members" in meta:
-            return self.abstract, False
-        return abstract_state(self.config)[1], True
-
     def _restore(self) -> tuple[TrainState, _Position, dict[str, Any]] | None:
         if not self.checkpoints.steps():
             return None
-        found = self.checkpoints.restore_latest(self._abstract_for, check=self._check)
+        found = self.checkpoints.restore_latest(lambda meta: self.abstract, check=self._check)
         if found is None:
             return None
-        state, meta, legacy = found
-        if legacy:
-            state = jax.tree.map(lambda x: x[None], state)
-            meta = {
-                **meta,
-                "epoch_loss_sum": [meta["epoch_loss_sum"]],
-                "root_key_data": [meta["root_key_data"]],
-            }
+        state, meta = found
         position = _Position(
             int(meta["epoch"]),
             int(meta["step_in_epoch"]),

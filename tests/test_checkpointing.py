@@ -281,3 +281,22 @@ def test_a_damaged_file_of_the_newest_checkpoint_costs_one_warning_line(
     assert "Task exception" not in result.stderr + result.stdout
     assert "warning: skipping damaged checkpoint 16 (" in result.stdout
     assert f"Resuming from checkpoint {workdir / 'checkpoints' / '8'}" in result.stdout
+
+
+def test_checkpoints_of_an_earlier_dae_jax_are_refused_in_one_line(tiny_run, tmp_path):
+    """A checkpoint whose meta has no population record (dae_jax before 0.2 saved one
+    model unstacked) is refused, by restore and by a resume, naming what to do."""
+    import json
+    import shutil
+
+    from dae_jax import checkpointing
+    from dae_jax.errors import UserError
+
+    workdir = tmp_path / "old"
+    shutil.copytree(tiny_run.workdir, workdir)
+    for meta_file in (workdir / "checkpoints").glob("*/meta/metadata"):
+        meta = json.loads(meta_file.read_text())
+        del meta["members"]
+        meta_file.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="checkpoints of an earlier dae_jax .* train the run again"):
+        checkpointing.restore(workdir, warn=print)
