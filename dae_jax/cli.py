@@ -19,7 +19,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import dae_jax
 from dae_jax import guard
@@ -446,12 +446,21 @@ def _main(argv: Sequence[str], g: guard.Guard) -> int:
         return _error(
             f"unexpected argument {positional[0]!r} for {command} (dae-jax {command} --help)", 2
         )
+    return _run(command, FLAGS, positional, config if command == "train" else None, g)
+
+
+def _run(command: str, FLAGS: Any, positional: list[str], config: Any, g: guard.Guard) -> int:
+    """A command whose command line is known to be good: the config is checked, then JAX
+    loads and the work begins."""
+    from dae_jax import configs
+
     if command == "train":
         g.stage = "checking the config"
         configs.validate(config)  # before the workdir is touched
     else:
-        _refuse_experiment_root(command, g.workdir)
-        g.attach(g.workdir)  # evaluate and denoise log beside the run they read
+        workdir = Path(FLAGS.workdir)
+        _refuse_experiment_root(command, workdir)
+        g.attach(workdir)  # evaluate and denoise log beside the run they read
 
     # Imports the training code: only once the command line is known to be good.
     g.stage = "loading JAX"
