@@ -118,7 +118,15 @@ def run(
     signals: Sequence[tuple[float, int]] = (),
     close_stdout_after: int | None = None,
 ) -> Result:
-    """Runs ``python ARGS``; ``signals``: (seconds after the start, signal) to send."""
+    """Runs ``python ARGS``; ``signals``: (seconds after the start, signal) to send.
+    The child starts with SIGINT's default action, as a terminal gives it, even when this
+    harness runs in the background (``cmd &`` ignores SIGINT, and children inherit that)."""
+
+    def prepare() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if limits is not None:
+            limits()
+
     started = time.perf_counter()
     process = subprocess.Popen(
         [sys.executable, *map(str, args)],
@@ -126,7 +134,7 @@ def run(
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        preexec_fn=limits,
+        preexec_fn=prepare,
     )
     timeout = timeout or ctx.timeout
     if close_stdout_after is not None:  # `dae-jax ... | head -n N`
