@@ -1035,9 +1035,12 @@ def command(argv: list[str], g: Any) -> int:
     }
     report.start(g, parsed)
     g.stage = "running the sweep"
+    command_line = parsed.command  # as typed: a script's own --grid is not shown
+    if argv[0].endswith(".py"):
+        command_line = command_line.replace(f" --grid={grid_name}", "", 1)
     run(
         name, parsed.config, prods, parsed.seeds, parsed.workdir, score=score, plot=plot,
-        command=parsed.command,
+        command=command_line,
     )  # fmt: skip
     print(f"Results: {parsed.workdir / 'results.md'}")
     return 0
