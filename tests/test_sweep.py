@@ -39,7 +39,7 @@ def _rows(workdir):
 def target(tmp_path_factory):
     """The issue's example: tied x kind x one level x 2 seeds = 8 models."""
     workdir = tmp_path_factory.mktemp("sweep") / "w"
-    result = cli_here("sweep", f"--workdir={workdir}", *TARGET, *FLAGS)
+    result = cli_here("sweep", f"--workdir={workdir}", *TARGET, *FLAGS, "--nobm3d")
     assert result.returncode == 0, result.stderr
     return workdir, result
 
@@ -61,9 +61,9 @@ def test_eight_models_train_as_two_programs_into_one_tidy_table(target):
     for r in (r for r in models if r["metric"] == "psnr"):
         assert r["test_kind"] == r["noise.kind"] and float(r["test_level"]) == 0.25
         assert 5 < float(r["value"]) < 40
-    assert {"noisy input", "clip", "gaussian_blur", "median_filter", "bm3d", "raw pixels"} <= {
+    assert {"noisy input", "clip", "gaussian_blur", "median_filter", "raw pixels"} <= {
         r["model"] for r in rows
-    }
+    }  # BM3D (off here, for speed): the slow colour sweep and the scripts' quick runs
     probes = [float(r["value"]) for r in models if r["metric"] == "probe_accuracy"]
     assert len(probes) == 8 and all(0.1 < p <= 1 for p in probes)
     markdown = (workdir / "results.md").read_text()
@@ -71,7 +71,7 @@ def test_eight_models_train_as_two_programs_into_one_tidy_table(target):
     assert "| noise.kind, noise.level | model.tied_weights=False | model.tied_weights=True |" in (
         markdown
     )
-    assert " ± " in markdown and "BM3D (tuned per level" in markdown
+    assert " ± " in markdown and "**" in markdown
     for name in ("quality", "probe", "train_vs_test_level", "reconstructions"):
         assert (workdir / "figures" / f"{name}.png").stat().st_size > 10_000
     # Each model is kept, restorable with its own values.
@@ -101,7 +101,7 @@ def test_the_same_command_again_trains_nothing_and_writes_the_same_results(targe
     workdir, _ = target
     copy = tmp_path / "w"
     shutil.copytree(workdir, copy)
-    again = cli_here("sweep", f"--workdir={copy}", *TARGET, *FLAGS)
+    again = cli_here("sweep", f"--workdir={copy}", *TARGET, *FLAGS, "--nobm3d")
     assert again.returncode == 0, again.stderr
     assert "all 8 models are planned already" in again.stdout
     assert "First training step" not in again.stdout
@@ -158,6 +158,7 @@ def test_traced_axes_share_one_program_and_weight_decay_takes_effect(tmp_path):
     assert kernels[2] < kernels[0] and kernels[3] < kernels[1]
 
 
+@pytest.mark.slow
 def test_optimizer_options_schedule_and_clipping(tmp_path):
     config = tiny_config(**{"optim.schedule": "cosine", "optim.warmup_steps": 4})
     config.train.epochs = 3
