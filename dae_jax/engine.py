@@ -227,9 +227,10 @@ def run(
     runfiles.prepare_workdir(workdir)
     with runfiles.WorkdirLock(workdir):
         guard.stage("training")
-        loop = _Loop(config, workdir, tuple(members), dataset, train_indices, log, started)
-        loop.freeze_diverged = freeze_diverged or len(members) > 1
-        loop.hparams = list(hparams) if hparams else [m.record() for m in members]
+        loop = _Loop(
+            config, workdir, tuple(members), dataset, train_indices, log, started,
+            freeze_diverged=freeze_diverged, hparams=hparams,
+        )  # fmt: skip
         try:
             return loop.train(on_epoch, figures)
         finally:
@@ -282,6 +283,9 @@ class _Loop:
         train_indices: Sequence[np.ndarray] | None,
         log: Callable[[str], None] | None,
         started: float,
+        *,
+        freeze_diverged: bool = False,
+        hparams: Sequence[dict[str, Any]] | None = None,
     ):
         self.config, self.workdir, self.members, self.dataset = config, workdir, members, dataset
         self.started, self.log = started, log
@@ -310,8 +314,9 @@ class _Loop:
         self.metrics_path = workdir / "metrics.jsonl"
         self.stop = _StopSignals()
         self.first_step: float | None = None
-        self.freeze_diverged = self.k > 1
-        self.hparams = [m.record() for m in members]
+        # A population's diverging member is frozen; a single run stops (unless asked).
+        self.freeze_diverged = freeze_diverged or self.k > 1
+        self.hparams = list(hparams) if hparams else [m.record() for m in members]
 
     # ------------------------------------------------------------ state and files
 
@@ -810,7 +815,6 @@ def _write_figures(
 ) -> None:
     count = min(config.eval.num_figure_images, len(dataset.test_images))
     clean = to_float(jnp.asarray(test_images(dataset, config)[:count]))
-    setup = dataclasses.replace(setup, noise_kind=config.noise.kind)
     noisy = setup.corrupt(jax.random.fold_in(eval_key, 0), clean, jnp.float32(config.noise.level))
     reconstructed = nnx.merge(setup.graphdef, params)(noisy)
     psnr_noisy = float(jnp.mean(metrics.psnr(noisy, clean)))

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dae_jax import corruption, data, losses, metrics, models
+from dae_jax import configs, corruption, data, losses, metrics, models
 
 
 class TrainState(NamedTuple):
@@ -43,7 +43,8 @@ class KeyStreams(NamedTuple):
 
 
 # The config keys whose values may differ between the models of one compiled program:
-# each is a traced float32 scalar (``[K]`` in a population), read where it is used
+# each is a traced scalar (``[K]`` in a population; float32, or for a name in ``NAMED``
+# its int32 index), read where it is used
 # (``train_step``, ``make_optimizer``). A new one is a line here, its use and its default.
 TRACED = ("noise.kind", "noise.level", "optim.learning_rate", "optim.weight_decay")
 # Traced keys whose values are names: traced as their index here.
@@ -78,7 +79,7 @@ class Member:
         """The member ``config`` describes (with another seed, if given)."""
         return cls(
             int(config.seed if seed is None else seed),
-            tuple(_value(key, _lookup(config, key)) for key in TRACED),
+            tuple(_value(key, configs.get_key(config, key)) for key in TRACED),
         )
 
     @classmethod
@@ -90,7 +91,7 @@ class Member:
         values = []
         for key in TRACED:
             value = record.get(key, record.get(named.get(key, key)))
-            values.append(_value(key, _lookup(base, key) if value is None else value))
+            values.append(_value(key, configs.get_key(base, key) if value is None else value))
         return cls(int(record["seed"]), tuple(values))
 
     @property
@@ -106,23 +107,13 @@ class Member:
 
     def config(self, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         """``base`` with this member's seed and traced values."""
-        config = ml_collections.ConfigDict(base.to_dict())
-        config.seed = self.seed
-        for key, value in self.mapping.items():
-            section, name = key.split(".")
-            config[section][name] = value
-        return config
+        return configs.with_values(base, self.record())
 
     def describe(self) -> str:
         shown = (
             f"{k} {v}" if isinstance(v, str) else f"{k} {v:g}" for k, v in self.mapping.items()
         )
         return ", ".join([f"seed {self.seed}", *shown])
-
-
-def _lookup(config: ml_collections.ConfigDict, key: str) -> Any:
-    section, name = key.split(".")
-    return config[section][name]
 
 
 def key_streams(seed_or_root: int | jax.Array) -> KeyStreams:
@@ -261,7 +252,7 @@ class Setup:
         """``clean`` corrupted at ``level``: by the setup's noise kind, or, in a population
         whose members differ in it (``noise_kind=""``), by the traced ``kind`` index."""
         if self.noise_kind:
-            return corruption.corrupt(self.noise_kind, key, clean, level, clip=self.clip)[0]
+            return _corrupt_as(self.noise_kind, self.clip, key, clean, level)
         branches = [functools.partial(_corrupt_as, name, self.clip) for name in NAMED["noise.kind"]]
         return jax.lax.switch(kind, branches, key, clean, level)
 

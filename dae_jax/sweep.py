@@ -44,7 +44,7 @@ from typing import Any
 
 import ml_collections
 
-from dae_jax import checkpointing, configs, grids, metrics, report, runfiles
+from dae_jax import baselines, checkpointing, configs, grids, metrics, report, runfiles
 from dae_jax.errors import UserError
 
 SCORING = {  # the scoring stages a sweep may turn off
@@ -54,7 +54,6 @@ SCORING = {  # the scoring stages a sweep may turn off
 }
 # Keys a sweep's resume may change (speed and logging), left out of its base config.
 SPEED_KEYS = ("compile_cache", "train.log_every", "train.scan_unroll", "profile_steps")
-REFERENCE_MODELS = ("noisy input", "clip", "gaussian_blur", "median_filter", "bm3d")
 FORMAT = 2  # sweep.json's layout
 MAX_MODELS = 4096  # a sweep's members (each is trained, kept on disk and scored)
 
@@ -186,11 +185,7 @@ class Spec:
     seed: int
 
     def config(self, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-        config = ml_collections.ConfigDict(base.to_dict())
-        for key, value in self.values:
-            configs.set_key(config, key, value)
-        config.seed = self.seed
-        return config
+        return configs.with_values(base, {**dict(self.values), "seed": self.seed})
 
     @property
     def label(self) -> str:
@@ -226,10 +221,7 @@ class Population:
     members: list[Any]  # step.Member
 
     def config(self, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-        config = ml_collections.ConfigDict(base.to_dict())
-        for key, value in self.static.items():
-            configs.set_key(config, key, value)
-        return config
+        return configs.with_values(base, self.static)
 
 
 def _split(spec: Spec, base: ml_collections.ConfigDict) -> tuple[dict[str, Any], Any]:
@@ -673,7 +665,6 @@ def _order(rows: list[dict[str, Any]], specs: list[Spec], axes: list[str]) -> li
 
 # ------------------------------------------------------------------------ outputs
 
-CLASSICAL = ("clip", "gaussian_blur", "median_filter")
 FIELDS = (
     "model",
     "seed",
@@ -705,7 +696,7 @@ def summary(
         of_models = functools.partial(_pick, rows, diverged, model=label)
         reference = functools.partial(_first, rows, at)
         psnr = of_models(metric="psnr", **at)
-        classical = max((reference(name) for name in CLASSICAL), default=math.nan)
+        classical = max((reference(name) for name in baselines.CLASSICAL), default=math.nan)
         lines.append(
             {
                 "values": dict(values),

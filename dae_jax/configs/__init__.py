@@ -317,6 +317,16 @@ def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     node[leaf] = value
 
 
+def with_values(
+    base: ml_collections.ConfigDict, values: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+    """A copy of ``base`` with each dotted key of ``values`` set to its value."""
+    config = ml_collections.ConfigDict(base.to_dict())
+    for key, value in values.items():
+        set_key(config, key, value)
+    return config
+
+
 def _type_problem(value: Any, default: Any) -> str | None:
     """What a key of ``default``'s type must be, when ``value`` is not of it."""
     for kind, test, what in (
