@@ -19,7 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dae_jax import runfiles
+import ml_collections
+
+from dae_jax import configs, report, runfiles
 from dae_jax.errors import UserError
 
 METRICS = ("test_psnr_denoised", "test_ssim_denoised", "test_loss", "train_loss")
@@ -35,14 +37,10 @@ def main(argv: Sequence[str], *, program: bool = False) -> int:
     return guard.run("dae-jax table", lambda g: command(list(argv), g), program=program)
 
 
-def _flat(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return out
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's JSON config as dotted keys, lists as the tuples the config files write."""
+    flat = configs.flat(ml_collections.ConfigDict(config))
+    return {key: tuple(v) if isinstance(v, list) else v for key, v in flat.items()}
 
 
 def runs(directory: Path) -> list[Path]:
@@ -126,7 +124,7 @@ def markdown(differ: list[str], lines: list[dict[str, Any]], metrics: Sequence[s
         "|" + " --- |" * len(differ) + " ---: |" * (1 + len(metrics)),
     ]
     for line in lines:
-        cells = [_show(line[k]) for k in differ]
+        cells = [report.show(line[k]) for k in differ]
         cells.append(
             str(line["models"]) + (f" ({line['diverged']} diverged)" if line["diverged"] else "")
         )
@@ -135,14 +133,6 @@ def markdown(differ: list[str], lines: list[dict[str, Any]], metrics: Sequence[s
             cells.append(f"{mean:.4f} ± {std:.4f}" if math.isfinite(mean) else "—")
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, tuple):
-        return "(" + ", ".join(map(_show, value)) + ")"
-    return str(value)
 
 
 def command(argv: list[str], g: Any) -> int:
@@ -209,8 +199,16 @@ def command(argv: list[str], g: Any) -> int:
             )
             writer.writeheader()
             for r in records:
-                writer.writerow({"run": r["run"], **{k: _show(r["config"].get(k)) for k in differ},
-                                 "seed": r["seed"], "diverged": r["diverged"],
-                                 **{m: r["metrics"][m] for m in values.metrics}})  # fmt: skip
+                shown = {k: report.show(r["config"].get(k)) for k in differ}
+                metrics = {m: r["metrics"][m] for m in values.metrics}
+                writer.writerow(
+                    {
+                        "run": r["run"],
+                        **shown,
+                        "seed": r["seed"],
+                        "diverged": r["diverged"],
+                        **metrics,
+                    }
+                )
         print(f"Rows: {values.csv}")
     return 0
