@@ -143,16 +143,6 @@ def write(
     )
 
 
-def _config_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    lines = []
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            lines += _config_keys(value, f"{prefix}{key}.")
-        else:
-            lines.append(f"  --config.{prefix}{key}={value!r}")
-    return lines
-
-
 def _help(doc: str, values: Any) -> str:
     own = [
         f"  --{flag.name}: {flag.help}"
@@ -160,7 +150,7 @@ def _help(doc: str, values: Any) -> str:
         for flag in module_flags
         if flag.name != "config"
     ]
-    keys = "\n".join(_config_keys(values.config))
+    keys = "\n".join(f"  --config.{k}={v!r}" for k, v in configs.flat(values.config).items())
     return "\n\n".join(
         [doc.strip(), "flags:\n" + "\n".join(own), "config keys (defaults):\n" + keys]
     )
