@@ -36,12 +36,13 @@ Writes ``W/bench.json`` (machine, versions, peaks, rows), ``W/bench.md`` (the ta
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -332,6 +333,37 @@ def model_name(config: Any) -> str:
     return "mlp " + "-".join(str(w) for w in config.model.hidden)
 
 
+def _population_inputs(config: Any, num_models: int, batch_size: int, num_images: int) -> tuple:
+    """The population chunk's setup and arguments for ``num_models`` models of ``config``
+    on random images (64 128x128 images to crop patches from, for a patch model)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dae_jax import step
+
+    graphdef, _ = step.abstract_state(config)
+    setup = step.Setup.from_config(config, graphdef)
+    keys = jax.random.split(jax.random.key(0), num_models)
+    states = jax.vmap(lambda key: step.init_state(config, key)[1])(keys)
+    num_images = 64 if setup.patch_size else num_images
+    shape = tuple(config.data.image_shape) or (28, 28, 1)
+    if setup.patch_size:  # patches cropped from 128x128 images, as training does
+        shape = (128, 128, shape[-1])
+    pixels = np.random.default_rng(0).integers(0, 256, (num_images, *shape), dtype=np.uint8)
+    images: Any = jax.device_put(pixels)
+    if setup.patch_size:
+        images = (images, jnp.full((num_images, 2), 128, jnp.int32))
+    steps = num_images // batch_size
+    order = functools.partial(
+        step.epoch_order, num_examples=num_images, steps=steps, batch_size=batch_size
+    )
+    orders = jax.vmap(order, in_axes=(0, None))(keys, 1)
+    hyper = step.hyper_of([step.Member.of(config).mapping] * num_models)
+    alive = jnp.ones((num_models,), bool)
+    return setup, (states, alive, images, orders, jnp.int32(0), keys, hyper)
+
+
 def bench_setting(
     workload: str,
     config: Any,
@@ -344,8 +376,6 @@ def bench_setting(
 ) -> dict[str, Any]:
     """One row: the population chunk of ``num_models`` models of ``config``."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
     from dae_jax import step
 
@@ -359,29 +389,9 @@ def bench_setting(
         "batch_size": batch_size,
         "models": num_models,
     }
-    graphdef, _ = step.abstract_state(config)
-    setup = step.Setup.from_config(config, graphdef)
-    keys = jax.random.split(jax.random.key(0), num_models)
-    states = jax.vmap(lambda key: step.init_state(config, key)[1])(keys)
-    num_images = settings["num_images"] if not setup.patch_size else 64
-    shape = tuple(config.data.image_shape) or (28, 28, 1)
-    if setup.patch_size:  # patches cropped from 128x128 images, as training does
-        shape = (128, 128, shape[-1])
-    pixels = np.random.default_rng(0).integers(0, 256, (num_images, *shape), dtype=np.uint8)
-    images: Any = jax.device_put(pixels)
-    if setup.patch_size:
-        images = (images, jnp.full((num_images, 2), 128, jnp.int32))
-    steps_per_epoch = num_images // batch_size
-    orders = jax.vmap(
-        functools.partial(
-            step.epoch_order, num_examples=num_images, steps=steps_per_epoch, batch_size=batch_size
-        ),
-        in_axes=(0, None),
-    )(keys, 1)
-    hyper = step.hyper_of([step.Member.of(config).mapping] * num_models)
-    alive = jnp.ones((num_models,), bool)
+    setup, args = _population_inputs(config, num_models, batch_size, settings["num_images"])
+    steps_per_epoch = args[3].shape[1]
     chunk = functools.partial(step.population_chunk, setup)
-    args: tuple[Any, ...] = (states, alive, images, orders, jnp.int32(0), keys, hyper)
 
     def compile_chunk(length: int) -> tuple[Any, float]:
         start = time.perf_counter()
@@ -406,7 +416,7 @@ def bench_setting(
             f"{memory_limit / 2**30:.1f} GiB"
         )
         return row
-    holder = {"states": states}
+    holder = {"states": args[0]}
 
     def call(compiled: Any) -> Callable[[], Any]:
         def run() -> Any:
@@ -454,6 +464,31 @@ def load_fashion_mnist(directory: str) -> tuple[Any, str | None]:
         return data.synthetic(0, 60000, 10000), note
 
 
+def _test_psnr(setup: Any, test: Any, weights: Any, level: Any) -> Callable[..., Any]:
+    """``(params, key) ->`` the mean PSNR of the denoised test set, as ``dae-jax train``
+    reports it (same noise), without the SSIM and loss it also computes."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dae_jax import metrics, step
+
+    def test_psnr(params: Any, key: jax.Array) -> jax.Array:
+        model = nnx.merge(setup.graphdef, params)
+
+        def one_batch(args: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+            index, images_u8, batch_weights = args
+            clean = step.to_float(images_u8)
+            noisy = setup.corrupt(jax.random.fold_in(key, index), clean, level)
+            psnr = metrics.psnr(model.to_pixels(model.outputs(noisy)), clean)
+            return jnp.sum(jnp.where(batch_weights > 0, psnr, 0.0))
+
+        indices = jnp.arange(test.shape[0])
+        return jnp.sum(jax.lax.map(one_batch, (indices, test, weights))) / jnp.sum(weights)
+
+    return test_psnr
+
+
 def time_to_quality(
     name: str,
     config: Any,
@@ -472,9 +507,8 @@ def time_to_quality(
     the SSIM and loss it also computes."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
-    from dae_jax import metrics, step
+    from dae_jax import step
     from dae_jax.configs import validate
 
     config = config.copy_and_resolve_references()
@@ -507,28 +541,14 @@ def time_to_quality(
             chunks[length] = program.lower(*args).compile()
         return chunks[length]
 
-    def test_psnr(params: Any, key: jax.Array) -> jax.Array:
-        model = nnx.merge(setup.graphdef, params)
-
-        def one_batch(args: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
-            index, images_u8, batch_weights = args
-            clean = step.to_float(images_u8)
-            noisy = setup.corrupt(jax.random.fold_in(key, index), clean, level)
-            psnr = metrics.psnr(model.to_pixels(model.outputs(noisy)), clean)
-            return jnp.sum(jnp.where(batch_weights > 0, psnr, 0.0))
-
-        indices = jnp.arange(test.shape[0])
-        return jnp.sum(jax.lax.map(one_batch, (indices, test, weights))) / jnp.sum(weights)
-
     compile_start = time.perf_counter()
     chunk(eval_every)
-    evaluate = jax.jit(test_psnr).lower(state.params, keys.eval).compile()
+    psnr_program = jax.jit(_test_psnr(setup, test, weights, level))
+    evaluate = psnr_program.lower(state.params, keys.eval).compile()
     compile_seconds = time.perf_counter() - compile_start
     curve: list[list[float]] = []
-    reached = None
-    steps = 0
-    eval_seconds = 0.0
-    for epoch in range(10**6):
+    steps, eval_seconds = 0, 0.0
+    for epoch in itertools.count():
         order = step.epoch_order(
             keys.shuffle, epoch, num_examples=len(images), steps=steps_per_epoch, batch_size=batch
         )
@@ -543,13 +563,12 @@ def time_to_quality(
             elapsed = time.perf_counter() - start
             eval_seconds += elapsed - (eval_start - start)
             curve.append([round(elapsed, 3), steps, round(psnr, 3)])
-            if psnr >= target:
-                reached = elapsed
+            if psnr >= target or elapsed > budget_seconds or not bool(alive):
                 break
-            if elapsed > budget_seconds or not bool(alive):
-                break
-        if reached is not None or curve[-1][0] > budget_seconds or not bool(alive):
-            break
+        else:
+            continue  # the next epoch
+        break
+    reached = elapsed if psnr >= target else None
     return {
         "workload": name,
         "model": model_name(config),
@@ -577,47 +596,52 @@ def _row_key(row: dict[str, Any]) -> tuple:
     return (row["model"], row["batch_size"], row["models"], row.get("precision", "float32"))
 
 
+def _markdown(columns: str, rows: Iterable[Sequence[Any]]) -> str:
+    """A markdown table: ``columns`` are ``|``-separated names (``name:`` right-aligned)."""
+    names = columns.split("|")
+    head = "| " + " | ".join(name.rstrip(":") for name in names) + " |"
+    rule = "|" + "".join(" ---: |" if name.endswith(":") else " --- |" for name in names)
+    return "\n".join([head, rule, *("| " + " | ".join(map(str, row)) + " |" for row in rows)])
+
+
+def _speed_cells(r: dict[str, Any]) -> list[Any]:
+    memory = r.get("memory_estimate_bytes")
+    mib = f"{memory / 2**20:,.0f}" if memory else "n/a"
+    head = [r["model"], r["precision"], r["batch_size"], r["models"]]
+    if "skipped" in r:
+        return [*head, f"skipped: {r['skipped']}", *[""] * 6, mib]
+    per_step = [1e3 * r[f"seconds_per_step_{k}"] for k in ("median", "min", "max")]
+    return [
+        *head, f"{r['compile_seconds']:.2f}",
+        "{:.3f} [{:.3f}, {:.3f}]".format(*per_step), f"{r['examples_per_second']:,.0f}",
+        f"{r['flops_per_step'] / 1e9:.3f}", f"{r['arithmetic_intensity']:.1f}",
+        f"{r['flops_per_second'] / 1e9:.1f}", f"{100 * r['fraction_of_peak']:.0f}%", mib,
+    ]  # fmt: skip
+
+
 def speed_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = [
-        "| model | precision | batch | K | compile s | ms/step (median [min, max]) | "
-        "examples/s | GFLOP/step | FLOP/byte | GFLOP/s | % of peak | XLA memory MiB |",
-        "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        head = f"| {r['model']} | {r['precision']} | {r['batch_size']} | {r['models']} |"
-        memory = r.get("memory_estimate_bytes")
-        mib = f"{memory / 2**20:,.0f}" if memory else "n/a"
-        if "skipped" in r:
-            lines.append(f"{head} skipped: {r['skipped']} |||||||| {mib} |")
-            continue
-        lines.append(
-            f"{head} {r['compile_seconds']:.2f} | {1e3 * r['seconds_per_step_median']:.3f} "
-            f"[{1e3 * r['seconds_per_step_min']:.3f}, {1e3 * r['seconds_per_step_max']:.3f}] | "
-            f"{r['examples_per_second']:,.0f} | {r['flops_per_step'] / 1e9:.3f} | "
-            f"{r['arithmetic_intensity']:.1f} | {r['flops_per_second'] / 1e9:.1f} | "
-            f"{100 * r['fraction_of_peak']:.0f}% | {mib} |"
-        )
-    return "\n".join(lines)
+    return _markdown(
+        "model|precision|batch:|K:|compile s:|ms/step (median [min, max])|examples/s:|"
+        "GFLOP/step:|FLOP/byte:|GFLOP/s:|% of peak:|XLA memory MiB:",
+        map(_speed_cells, rows),
+    )
 
 
 def quality_table(runs: Sequence[dict[str, Any]]) -> str:
-    lines = [
-        "| model | precision | noise | target dB | time to target s | steps | epochs | "
-        "best dB | compile s |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for q in runs:
-        seconds = (
-            f"{q['seconds']:.1f}"
-            if q["seconds"] is not None
-            else f"not reached in {q['budget_seconds']:.0f}"
+    def cells(q: dict[str, Any]) -> list[Any]:
+        seconds = q["seconds"]
+        reached = (
+            f"{seconds:.1f}" if seconds is not None else f"not reached in {q['budget_seconds']:.0f}"
         )
-        lines.append(
-            f"| {q['model']} | {q['precision']} | {q['noise']} | {q['target_psnr']} | {seconds} | "
-            f"{q['steps'] or ''} | {q['epochs'] or ''} | {q['best_psnr']:.2f} | "
-            f"{q['compile_seconds']:.1f} |"
-        )
-    return "\n".join(lines)
+        return [
+            q["model"], q["precision"], q["noise"], q["target_psnr"], reached, q["steps"] or "",
+            q["epochs"] or "", f"{q['best_psnr']:.2f}", f"{q['compile_seconds']:.1f}",
+        ]  # fmt: skip
+
+    return _markdown(
+        "model|precision|noise|target dB:|time to target s:|steps:|epochs:|best dB:|compile s:",
+        map(cells, runs),
+    )
 
 
 def _machine(results: dict[str, Any]) -> str:
@@ -687,7 +711,6 @@ def run(settings: dict[str, Any], workdir: Path, log: Callable[[str], None]) -> 
     """Measures everything ``settings`` asks for; writes bench.json, bench.md, figures/."""
     import jax
 
-    from dae_jax import plots
     from dae_jax.runfiles import device_info, versions
 
     started = time.perf_counter()
@@ -711,6 +734,38 @@ def run(settings: dict[str, Any], workdir: Path, log: Callable[[str], None]) -> 
         )
     bandwidth = stream_bandwidth(2**27 if platform == "cpu" else 2**31, settings["repeats"])
     log(f"memory bandwidth (x * c in place): {bandwidth['bytes_per_second'] / 1e9:,.1f} GB/s")
+    rows = _speed_rows(settings, peaks, memory_limit, log)
+    quality, data_note = _quality_runs(settings, log)
+    results = {
+        "device": info,
+        "matmul_peak": peaks,
+        "bandwidth": bandwidth,
+        "settings": {k: v for k, v in settings.items()},
+        "rows": rows,
+        "quality": quality,
+        "data_note": data_note,
+        "memory_note": (
+            "device_peak_bytes: memory_stats()'s peak_bytes_in_use after the row, over the "
+            "whole process so far (it never goes down); "
+            if info["memory_stats"]
+            else "device.memory_stats() is not available on this backend: device_peak_bytes "
+            "is null; "
+        )
+        + "memory_estimate_bytes: XLA's estimate for the row's one-step program "
+        "(arguments + outputs + temporaries - aliased)",
+        "seconds": time.perf_counter() - started,
+        # The host's 1-minute load average at the start and the end: on a shared machine,
+        # how much else was running (more than the core count: the times are slowed).
+        "load_average": [load_start, _load_average()],
+    }
+    _write(workdir, results, log)
+    return results
+
+
+def _speed_rows(
+    settings: dict[str, Any], peaks: dict[str, Any], memory_limit: int | None, log: Callable
+) -> list[dict[str, Any]]:
+    """A row per workload x batch size x population size x precision."""
     rows: list[dict[str, Any]] = []
     plan: list[tuple[str, Any, int, int]] = []
     if "population" in settings["workloads"]:
@@ -745,7 +800,12 @@ def run(settings: dict[str, Any], workdir: Path, log: Callable[[str], None]) -> 
                 f"{100 * row['fraction_of_peak']:.0f}% of peak, compiled in "
                 f"{row['compile_seconds']:.1f} s"
             )
-    quality = []
+    return rows
+
+
+def _quality_runs(settings: dict[str, Any], log: Callable) -> tuple[list[dict], str | None]:
+    """Time to quality per model x precision, and a note when the data is synthetic."""
+    quality: list[dict[str, Any]] = []
     data_note = None
     if settings["quality"] and settings["quality_precisions"]:
         guard.stage("loading Fashion-MNIST")
@@ -770,28 +830,15 @@ def run(settings: dict[str, Any], workdir: Path, log: Callable[[str], None]) -> 
                     f"  time to {q['target_psnr']} dB, {q['model']}, {precision}: {reached}; "
                     f"best {q['best_psnr']:.2f} dB"
                 )
-    results = {
-        "device": info,
-        "matmul_peak": peaks,
-        "bandwidth": bandwidth,
-        "settings": {k: v for k, v in settings.items()},
-        "rows": rows,
-        "quality": quality,
-        "data_note": data_note,
-        "memory_note": (
-            "device_peak_bytes: memory_stats()'s peak_bytes_in_use after the row, over the "
-            "whole process so far (it never goes down); "
-            if info["memory_stats"]
-            else "device.memory_stats() is not available on this backend: device_peak_bytes "
-            "is null; "
-        )
-        + "memory_estimate_bytes: XLA's estimate for the row's one-step program "
-        "(arguments + outputs + temporaries - aliased)",
-        "seconds": time.perf_counter() - started,
-        # The host's 1-minute load average at the start and the end: on a shared machine,
-        # how much else was running (more than the core count: the times are slowed).
-        "load_average": [load_start, _load_average()],
-    }
+    return quality, data_note
+
+
+def _write(workdir: Path, results: dict[str, Any], log: Callable) -> None:
+    """bench.json, bench.md and the figures; the tables on the log too."""
+    from dae_jax import plots
+
+    rows, quality = results["rows"], results["quality"]
+    peaks, bandwidth = results["matmul_peak"], results["bandwidth"]
     guard.stage(f"writing the results to {workdir}")
     workdir.mkdir(parents=True, exist_ok=True)
     tables = speed_table(rows) + ("\n\n" + quality_table(quality) if quality else "")
@@ -808,7 +855,6 @@ def run(settings: dict[str, Any], workdir: Path, log: Callable[[str], None]) -> 
         f"\nWritten to {workdir / 'bench.json'}, bench.md and figures/ "
         f"in {results['seconds']:.0f} s"
     )
-    return results
 
 
 def _load_average() -> float | None:
