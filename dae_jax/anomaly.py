@@ -93,8 +93,18 @@ def run_experiment(
         jnp.float32(config.noise.level),
         clip=bool(config.noise.clip),
     )[0]
-    test_labels = np.asarray(dataset.test_labels)
+    rows, roc = _auroc_rows(many, pairs, dataset, clean, noisy, first_seed=seeds[0])
+    body = _body(rows, classes, seeds, dataset, config)
+    report.write(workdir, "anomaly", config, seeds, rows, body, started, command, classes=classes)
+    plots.roc_figure(workdir / "figures" / "roc.png", roc)
+    return rows
 
+
+def _auroc_rows(
+    many: Any, pairs: list, dataset: Any, clean: Any, noisy: Any, *, first_seed: int
+) -> tuple[list[dict[str, Any]], dict]:
+    """Each model's AUROC by each score, and the ROC curves of the first seed's models."""
+    test_labels = np.asarray(dataset.test_labels)
     rows: list[dict[str, Any]] = []
     roc: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for k, (c, seed) in enumerate(pairs):
@@ -116,8 +126,15 @@ def run_experiment(
                     "value": auroc(values, positive),
                 }
             )
-        if seed == seeds[0]:
+        if seed == first_seed:
             roc[dataset.class_names[c]] = roc_curve(scores["reconstruction"], positive)
+    return rows, roc
+
+
+def _body(
+    rows: list[dict[str, Any]], classes: list[int], seeds: Sequence[int], dataset: Any, config: Any
+) -> str:
+    """results.md's table: AUROC per held-out class and score, and the mean over classes."""
     names = [f"{c} {dataset.class_names[c]}" for c in classes]
     cells: dict[tuple[str, str], list[float]] = {}
     for r in rows:
@@ -135,8 +152,8 @@ def run_experiment(
     }
     hardest = sorted(classes, key=class_auroc.__getitem__)
     body = (
-        f"AUROC of flagging the held-out class among all {len(test_labels)} test images, by "
-        f"each score ({', '.join(f'{k}: {v}' for k, v in SCORES.items())}; noise "
+        f"AUROC of flagging the held-out class among all {len(dataset.test_labels)} test "
+        f"images, by each score ({', '.join(f'{k}: {v}' for k, v in SCORES.items())}; noise "
         f"{config.noise.kind} {config.noise.level:g}); {config.train.epochs} epochs. "
         "0.5 is chance. Bold: best in the column.\n\n"
         + report.table([*names, "mean over classes"], list(SCORES), cells, first="held-out class")
@@ -144,6 +161,4 @@ def run_experiment(
         + ", ".join(f"{dataset.class_names[c]} ({class_auroc[c]:.3f})" for c in hardest[:3])
         + ".\n"
     )
-    report.write(workdir, "anomaly", config, seeds, rows, body, started, command, classes=classes)
-    plots.roc_figure(workdir / "figures" / "roc.png", roc)
-    return rows
+    return body

@@ -382,13 +382,8 @@ def bench_setting(
     config = config.copy_and_resolve_references()
     config.precision = precision
     config.train.batch_size = batch_size
-    row: dict[str, Any] = {
-        "workload": workload,
-        "model": model_name(config),
-        "precision": precision,
-        "batch_size": batch_size,
-        "models": num_models,
-    }
+    row: dict[str, Any] = {"workload": workload, "model": model_name(config)}
+    row.update(precision=precision, batch_size=batch_size, models=num_models)
     setup, args = _population_inputs(config, num_models, batch_size, settings["num_images"])
     steps_per_epoch = args[3].shape[1]
     chunk = functools.partial(step.population_chunk, setup)
@@ -489,6 +484,35 @@ def _test_psnr(setup: Any, test: Any, weights: Any, level: Any) -> Callable[...,
     return test_psnr
 
 
+def _train_until(
+    train: Callable[[int, int, int], bool],
+    evaluate: Callable[[], float],
+    plan: Iterable[tuple[int, int, int]],
+    start: float,
+    target: float,
+    budget_seconds: float,
+) -> tuple[list[list[float]], float, float | None]:
+    """Trains chunk after chunk of ``plan`` (epoch, first step, length), evaluating after
+    each, until the test PSNR reaches ``target``, the time is up or the model diverged:
+    the curve [wall seconds, steps, PSNR], the seconds spent evaluating, and the wall
+    seconds when ``target`` was reached (None if it was not)."""
+    curve: list[list[float]] = []
+    steps, eval_seconds = 0, 0.0
+    for epoch, first, length in plan:
+        alive = train(epoch, first, length)
+        steps += length
+        eval_start = time.perf_counter()
+        psnr = evaluate()
+        elapsed = time.perf_counter() - start
+        eval_seconds += elapsed - (eval_start - start)
+        curve.append([round(elapsed, 3), steps, round(psnr, 3)])
+        if psnr >= target:
+            return curve, eval_seconds, elapsed
+        if elapsed > budget_seconds or not alive:
+            break
+    return curve, eval_seconds, None
+
+
 def time_to_quality(
     name: str,
     config: Any,
@@ -499,12 +523,10 @@ def time_to_quality(
     eval_every: int,
     budget_seconds: float,
 ) -> dict[str, Any]:
-    """Wall seconds from the start (model initialisation, data on the device and
-    compiling included) until the test PSNR of the denoised test set reaches ``target``,
-    training as ``dae-jax train`` does (same keys, order, noise and chunk program) and
-    evaluating the whole test set every ``eval_every`` steps (0: four times an epoch;
-    evaluation included): its PSNR as ``dae-jax train`` reports it (same noise), without
-    the SSIM and loss it also computes."""
+    """Wall seconds from the start (initialisation, data transfer, compiling and the
+    evaluations included) until the denoised test set's PSNR, as ``dae-jax train`` reports
+    it, reaches ``target``; trained as ``dae-jax train`` does (same keys, order, noise and
+    program), evaluated every ``eval_every`` steps (0: four times an epoch)."""
     import jax
     import jax.numpy as jnp
 
@@ -520,55 +542,38 @@ def time_to_quality(
     graphdef, state = step.init_state(config, keys.init)
     setup = step.Setup.from_config(config, graphdef)
     images = jax.device_put(dataset.train_images)
-    test, weights = (
-        jax.device_put(a) for a in step.padded_test_batches(dataset, config.eval.batch_size)
-    )
+    test, weights = jax.device_put(step.padded_test_batches(dataset, config.eval.batch_size))
     batch = config.train.batch_size
     steps_per_epoch = len(dataset.train_images) // batch
     eval_every = min(eval_every or -(-steps_per_epoch // 4), steps_per_epoch)
-    level = jnp.float32(config.noise.level)
     hyper = jax.tree.map(lambda x: x[0], step.hyper_of([step.Member.of(config).mapping]))
-    alive = jnp.bool_(True)
-    order = step.epoch_order(
-        keys.shuffle, 0, num_examples=len(images), steps=steps_per_epoch, batch_size=batch
-    )
-    chunks: dict[int, Any] = {}  # length -> compiled chunk (an epoch's last may be shorter)
+    alive: Any = jnp.bool_(True)
+    order = functools.partial(step.epoch_order, keys.shuffle, num_examples=len(images))
+    orders = functools.cache(lambda epoch: order(epoch, steps=steps_per_epoch, batch_size=batch))
 
-    def chunk(length: int) -> Any:
-        if length not in chunks:
-            program = jax.jit(functools.partial(step.train_chunk, setup, length), donate_argnums=0)
-            args = (state, alive, images, order, jnp.int32(0), keys.noise, hyper)
-            chunks[length] = program.lower(*args).compile()
-        return chunks[length]
+    def compile_chunk(length: int) -> Any:  # an epoch's last chunk may be shorter
+        program = jax.jit(functools.partial(step.train_chunk, setup, length), donate_argnums=0)
+        return program.lower(state, alive, images, orders(0), jnp.int32(0), keys.noise, hyper)
+
+    def train(epoch: int, first: int, length: int) -> bool:
+        nonlocal state, alive
+        state, alive, _ = chunk(length)(
+            state, alive, images, orders(epoch), jnp.int32(first), keys.noise, hyper
+        )
+        jax.block_until_ready(state)
+        return bool(alive)
 
     compile_start = time.perf_counter()
+    chunk = functools.cache(lambda length: compile_chunk(length).compile())
     chunk(eval_every)
-    psnr_program = jax.jit(_test_psnr(setup, test, weights, level))
+    psnr_program = jax.jit(_test_psnr(setup, test, weights, jnp.float32(config.noise.level)))
     evaluate = psnr_program.lower(state.params, keys.eval).compile()
     compile_seconds = time.perf_counter() - compile_start
-    curve: list[list[float]] = []
-    steps, eval_seconds = 0, 0.0
-    for epoch in itertools.count():
-        order = step.epoch_order(
-            keys.shuffle, epoch, num_examples=len(images), steps=steps_per_epoch, batch_size=batch
-        )
-        for first, length in step.chunks(steps_per_epoch, eval_every):
-            state, alive, _ = chunk(length)(
-                state, alive, images, order, jnp.int32(first), keys.noise, hyper
-            )
-            steps += length
-            jax.block_until_ready(state)
-            eval_start = time.perf_counter()
-            psnr = float(evaluate(state.params, keys.eval))
-            elapsed = time.perf_counter() - start
-            eval_seconds += elapsed - (eval_start - start)
-            curve.append([round(elapsed, 3), steps, round(psnr, 3)])
-            if psnr >= target or elapsed > budget_seconds or not bool(alive):
-                break
-        else:
-            continue  # the next epoch
-        break
-    reached = elapsed if psnr >= target else None
+    plan = ((e, *c) for e in itertools.count() for c in step.chunks(steps_per_epoch, eval_every))
+    curve, eval_seconds, reached = _train_until(
+        train, lambda: float(evaluate(state.params, keys.eval)), plan, start, target, budget_seconds
+    )
+    steps = int(curve[-1][1])  # at the last evaluation
     return {
         "workload": name,
         "model": model_name(config),

@@ -214,27 +214,7 @@ def load_image(
     """
     changes: list[str] = []
     convert = _gray if channels == 1 else _rgb
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                frames = getattr(opened, "n_frames", 1)
-                if frames > 1:
-                    changes.append(f"first of {frames} frames")
-                opened.load()
-                upright: Image.Image = opened
-                if opened.getexif().get(0x0112, 1) in range(2, 9):  # phone photos: EXIF rotation
-                    upright = ImageOps.exif_transpose(opened)
-                    changes.append("turned upright by its EXIF orientation")
-                pixels = convert(upright, changes)
-    except (
-        OSError,
-        UnidentifiedImageError,
-        ValueError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as e:
-        raise UserError(f"cannot read image {path}: {_open_error(path, e)}", exit_code=1) from None
+    pixels = _read(path, convert, changes)
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     if pixels.ndim != 3 or 0 in pixels.shape:
@@ -242,27 +222,7 @@ def load_image(
     background = _border(pixels)
     height, width = pixels.shape[:2]
     if size is not None and (height, width) != size:
-        if height != width:
-            side = max(height, width)
-            padded = np.full((side, side, pixels.shape[2]), background, np.float32)
-            top, left = (side - height) // 2, (side - width) // 2
-            padded[top : top + height, left : left + width] = pixels
-            pixels = padded
-        padding = f" (padded to {len(pixels)}x{len(pixels)} first)" if height != width else ""
-        changes.append(f"size {width}x{height} -> {size[1]}x{size[0]}{padding}")
-        pixels = np.stack(
-            [
-                np.asarray(
-                    Image.fromarray(pixels[..., c]).resize(
-                        (size[1], size[0]), Image.Resampling.LANCZOS
-                    ),
-                    np.float32,
-                )
-                for c in range(pixels.shape[2])
-            ],
-            axis=-1,
-        )
-        pixels = np.clip(pixels, 0.0, 1.0)
+        pixels = _resized(pixels, size, background, changes)
     if invert:
         pixels = 1.0 - pixels
         changes.append("inverted")
@@ -279,6 +239,59 @@ def load_image(
     if changes:
         warn(f"warning: {path}: converted ({', '.join(changes)})")
     return pixels
+
+
+def _read(path: Path, convert: Callable, changes: list[str]) -> np.ndarray:
+    """The image's pixels (its first frame, turned upright), or a ``UserError``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                frames = getattr(opened, "n_frames", 1)
+                if frames > 1:
+                    changes.append(f"first of {frames} frames")
+                opened.load()
+                upright: Image.Image = opened
+                if opened.getexif().get(0x0112, 1) in range(2, 9):  # phone photos: EXIF rotation
+                    upright = ImageOps.exif_transpose(opened)
+                    changes.append("turned upright by its EXIF orientation")
+                return convert(upright, changes)
+    except (
+        OSError,
+        UnidentifiedImageError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as e:
+        raise UserError(f"cannot read image {path}: {_open_error(path, e)}", exit_code=1) from None
+
+
+def _resized(
+    pixels: np.ndarray, size: tuple[int, int], background: float, changes: list[str]
+) -> np.ndarray:
+    """``pixels`` at ``size``: a non-square image is padded with ``background`` first."""
+    height, width = pixels.shape[:2]
+    if height != width:
+        side = max(height, width)
+        padded = np.full((side, side, pixels.shape[2]), background, np.float32)
+        top, left = (side - height) // 2, (side - width) // 2
+        padded[top : top + height, left : left + width] = pixels
+        pixels = padded
+    padding = f" (padded to {len(pixels)}x{len(pixels)} first)" if height != width else ""
+    changes.append(f"size {width}x{height} -> {size[1]}x{size[0]}{padding}")
+    pixels = np.stack(
+        [
+            np.asarray(
+                Image.fromarray(pixels[..., c]).resize(
+                    (size[1], size[0]), Image.Resampling.LANCZOS
+                ),
+                np.float32,
+            )
+            for c in range(pixels.shape[2])
+        ],
+        axis=-1,
+    )
+    return np.clip(pixels, 0.0, 1.0)
 
 
 def _to_pil(pixels: np.ndarray) -> Image.Image:

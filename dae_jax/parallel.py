@@ -123,75 +123,84 @@ def initialize_distributed(environ: Mapping[str, str] = os.environ) -> bool:
         )
     # JAX's own deadline comes later than ours, so ours ends the wait with a clear line.
     jax_timeout = timeout + 60
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
-        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in environ]
-        if missing:
-            raise UserError(
-                f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} "
-                f"{'is' if len(missing) == 1 else 'are'} not: set all three for a "
-                "multi-process run, or none"
-            )
-        address = _coordinator_address(environ["JAX_COORDINATOR_ADDRESS"])
-        num_processes = _int_variable(
-            environ, "JAX_NUM_PROCESSES", 1, 1 << 20, "the number of processes"
+        _join_explicit(environ, timeout, jax_timeout)
+    else:
+        _join_detected(environ, slurm, timeout, jax_timeout)
+    return True
+
+
+def _join_explicit(environ: Mapping[str, str], timeout: int, jax_timeout: int) -> None:
+    """Joins the run that JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID name."""
+    missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in environ]
+    if missing:
+        raise UserError(
+            f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not: set all three for a "
+            "multi-process run, or none"
         )
-        process_id = _int_variable(
-            environ, "JAX_PROCESS_ID", 0, num_processes - 1, "this process's index"
+    address = _coordinator_address(environ["JAX_COORDINATOR_ADDRESS"])
+    num_processes = _int_variable(
+        environ, "JAX_NUM_PROCESSES", 1, 1 << 20, "the number of processes"
+    )
+    process_id = _int_variable(
+        environ, "JAX_PROCESS_ID", 0, num_processes - 1, "this process's index"
+    )
+    port = int(address.rpartition(":")[2])
+    if process_id == 0 and not _port_is_free(port):
+        raise UserError(
+            f"port {port} of JAX_COORDINATOR_ADDRESS={address} is in use on this host, "
+            "where process 0 must listen; pick a free port for every process",
+            exit_code=1,
         )
-        port = int(address.rpartition(":")[2])
-        if process_id == 0 and not _port_is_free(port):
-            raise UserError(
-                f"port {port} of JAX_COORDINATOR_ADDRESS={address} is in use on this host, "
-                "where process 0 must listen; pick a free port for every process",
-                exit_code=1,
-            )
-        if process_id == 0:
-            waiting_for = f"the other {num_processes - 1} process(es) to join at {address}"
-            advice = (
-                "start them all with the same JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES "
-                f"and JAX_PROCESS_ID from 1 to {num_processes - 1}, or wait longer with "
-                "DAE_JAX_COORDINATOR_TIMEOUT=SECONDS"
-            )
-        else:
-            waiting_for = f"process 0 (the coordinator) at {address} and the others"
-            advice = (
-                "start process 0 (JAX_PROCESS_ID=0) on that host, check "
-                "JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES, or wait longer with "
-                "DAE_JAX_COORDINATOR_TIMEOUT=SECONDS"
-            )
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        _bounded(
-            lambda: jax.distributed.initialize(
-                coordinator_address=address,
-                num_processes=num_processes,
-                process_id=process_id,
-                initialization_timeout=jax_timeout,
-            ),
-            timeout,
-            waiting_for,
-            advice,
+    if process_id == 0:
+        waiting_for = f"the other {num_processes - 1} process(es) to join at {address}"
+        advice = (
+            "start them all with the same JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES "
+            f"and JAX_PROCESS_ID from 1 to {num_processes - 1}, or wait longer with "
+            "DAE_JAX_COORDINATOR_TIMEOUT=SECONDS"
         )
     else:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        why = f"SLURM_NTASKS={environ['SLURM_NTASKS']}" if slurm else "DAE_JAX_DISTRIBUTED=1"
-        try:
-            _bounded(
-                lambda: jax.distributed.initialize(initialization_timeout=jax_timeout),
-                timeout,
-                "every process of the cluster job to join",
-                "check that the launcher started all of them, or wait longer with "
-                "DAE_JAX_COORDINATOR_TIMEOUT=SECONDS",
-            )
-        except (ValueError, RuntimeError) as e:
-            reason = (str(e).splitlines() or [type(e).__name__])[0]
-            raise UserError(
-                f"{why} asks for a multi-process run, but JAX finds none to join here "
-                f"({reason}); start every process with the cluster's launcher (srun, mpirun, "
-                "--worker=all on a TPU pod) or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES "
-                "and JAX_PROCESS_ID",
-                exit_code=1,
-            ) from None
-    return True
+        waiting_for = f"process 0 (the coordinator) at {address} and the others"
+        advice = (
+            "start process 0 (JAX_PROCESS_ID=0) on that host, check "
+            "JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES, or wait longer with "
+            "DAE_JAX_COORDINATOR_TIMEOUT=SECONDS"
+        )
+    _bounded(
+        lambda: jax.distributed.initialize(
+            coordinator_address=address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=jax_timeout,
+        ),
+        timeout,
+        waiting_for,
+        advice,
+    )
+
+
+def _join_detected(environ: Mapping[str, str], slurm: bool, timeout: int, jax_timeout: int) -> None:
+    """Joins the cluster job JAX detects (SLURM, or any with ``DAE_JAX_DISTRIBUTED=1``)."""
+    why = f"SLURM_NTASKS={environ['SLURM_NTASKS']}" if slurm else "DAE_JAX_DISTRIBUTED=1"
+    try:
+        _bounded(
+            lambda: jax.distributed.initialize(initialization_timeout=jax_timeout),
+            timeout,
+            "every process of the cluster job to join",
+            "check that the launcher started all of them, or wait longer with "
+            "DAE_JAX_COORDINATOR_TIMEOUT=SECONDS",
+        )
+    except (ValueError, RuntimeError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"{why} asks for a multi-process run, but JAX finds none to join here "
+            f"({reason}); start every process with the cluster's launcher (srun, mpirun, "
+            "--worker=all on a TPU pod) or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES "
+            "and JAX_PROCESS_ID",
+            exit_code=1,
+        ) from None
 
 
 def is_primary() -> bool:

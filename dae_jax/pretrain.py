@@ -299,36 +299,12 @@ def run_experiment(
             lambda p, k: nnx.split(classifier_from(nnx.merge(graphdef, p), k))[1]
         )(start_params, head_keys)
         for fraction in fractions:
-            begin = time.perf_counter()
-            keys = jax.vmap(lambda k, f=fraction: jax.random.fold_in(k, int(f * 1e6)))(subset_keys)
-            subsets = np.stack(
-                [labelled_subset(k, np.asarray(split.labels), fraction) for k in keys]
-            )
-            epochs = finetune_epochs * max(1, min(10, round(1 / fraction)))
-            tuned, _, val_SxE = _finetune_many(
-                head_graphdef,
-                classifiers,
-                tune_keys,
-                jnp.asarray(subsets),
-                split.images,
-                split.labels,
-                split.val_x,
-                split.val_y,
-                epochs=epochs,
-                batch_size=config.train.batch_size,
-                learning_rate=rate,
-            )
-            test_acc = jax.vmap(lambda p: accuracy(head_graphdef, p, split.test_x, split.test_y))(
-                tuned
-            )
-            rows += _finetune_rows(
-                name, fraction, subsets.shape[1], epochs, seeds, test_acc, val_SxE
-            )
-            curves[f"{name} @ {fraction:g}"] = np.asarray(val_SxE).mean(axis=0)
-            log(
-                f"  {name}, {fraction:g} of the labels ({subsets.shape[1]}): test accuracy "
-                f"{float(jnp.mean(test_acc)):.4f} ({time.perf_counter() - begin:.1f} s)"
-            )
+            found, curves[f"{name} @ {fraction:g}"] = _finetune_fraction(
+                name, fraction, head_graphdef, classifiers, split, subset_keys, tune_keys,
+                seeds, epochs=finetune_epochs, batch_size=config.train.batch_size,
+                learning_rate=rate, log=log,
+            )  # fmt: skip
+            rows += found
     _write_report(
         workdir,
         config,
@@ -345,6 +321,49 @@ def run_experiment(
         "without labels.",
     )
     return rows
+
+
+def _finetune_fraction(
+    name: str,
+    fraction: float,
+    head_graphdef: Any,
+    classifiers: Any,
+    split: Any,
+    subset_keys: jax.Array,
+    tune_keys: jax.Array,
+    seeds: Sequence[int],
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    log: Callable[[str], None],
+) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Fine-tunes one start's classifiers (one per seed) on ``fraction`` of the labels:
+    the rows (test accuracy at the best validation epoch) and the mean validation curve."""
+    begin = time.perf_counter()
+    keys = jax.vmap(lambda k, f=fraction: jax.random.fold_in(k, int(f * 1e6)))(subset_keys)
+    subsets = np.stack([labelled_subset(k, np.asarray(split.labels), fraction) for k in keys])
+    epochs = epochs * max(1, min(10, round(1 / fraction)))
+    tuned, _, val_SxE = _finetune_many(
+        head_graphdef,
+        classifiers,
+        tune_keys,
+        jnp.asarray(subsets),
+        split.images,
+        split.labels,
+        split.val_x,
+        split.val_y,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+    )
+    test_acc = jax.vmap(lambda p: accuracy(head_graphdef, p, split.test_x, split.test_y))(tuned)
+    rows = _finetune_rows(name, fraction, subsets.shape[1], epochs, seeds, test_acc, val_SxE)
+    log(
+        f"  {name}, {fraction:g} of the labels ({subsets.shape[1]}): test accuracy "
+        f"{float(jnp.mean(test_acc)):.4f} ({time.perf_counter() - begin:.1f} s)"
+    )
+    return rows, np.asarray(val_SxE).mean(axis=0)
 
 
 def _pretrained_starts(

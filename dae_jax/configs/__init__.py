@@ -272,7 +272,7 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collec
             ) from None
         return node
 
-    checks = [*_data_and_model_checks(get), *_training_checks(get), *_optim_checks(get)]
+    checks = [*_run_and_data_checks(get), *_training_checks(get), *_optim_checks(get)]
     for key, ok, allowed in checks:
         if not ok:
             raise _fail(key, get(key), allowed)
@@ -371,7 +371,7 @@ def _optional(get: Callable[[str], Any], key: str, default: Any) -> Any:
         return default
 
 
-def _data_and_model_checks(get: Callable[[str], Any]) -> list[_Check]:
+def _run_and_data_checks(get: Callable[[str], Any]) -> list[_Check]:
     seed = get("seed")
     checks = [
         (
@@ -411,10 +411,13 @@ def _data_and_model_checks(get: Callable[[str], Any]) -> list[_Check]:
         checks.append(
             (key, _is_int(get(key)) and get(key) >= 0, "must be an integer >= 0 (0 = all)")
         )
-    checks += _image_checks(get)
+    return checks + _image_checks(get) + _model_checks(get)
+
+
+def _model_checks(get: Callable[[str], Any]) -> list[_Check]:
     model_kinds = __getattr__("MODEL_KINDS")
     hidden, channels = get("model.hidden"), get("model.channels")
-    checks += [
+    checks: list[_Check] = [
         (
             "model.kind",
             get("model.kind") in model_kinds,
