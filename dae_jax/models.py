@@ -57,7 +57,35 @@ def _as_images(x: ArrayLike, channels: int, what: str) -> jax.Array:
     return x
 
 
-class MlpDae(nnx.Module):
+class _Dae(nnx.Module):
+    """The contract every model keeps (see the module's docstring); a sigmoid-output
+    autoencoder defines ``logits`` and ``decode_logits``, and inherits the rest."""
+
+    image_shape: tuple[int, ...]
+    predicts: ClassVar[str] = "logits"
+    fully_convolutional: ClassVar[bool] = True
+
+    def outputs(self, x: ArrayLike) -> jax.Array:
+        return self.logits(x)
+
+    def to_pixels(self, outputs: jax.Array) -> jax.Array:
+        return jax.nn.sigmoid(outputs)
+
+    def decode(self, codes_BxZ: ArrayLike) -> jax.Array:
+        pixels = jax.nn.sigmoid(self.decode_logits(codes_BxZ))
+        return pixels.reshape(pixels.shape[0], *self.image_shape)
+
+    def __call__(self, x: ArrayLike) -> jax.Array:
+        return self.to_pixels(self.outputs(x))
+
+    def logits(self, x: ArrayLike) -> jax.Array:
+        raise NotImplementedError
+
+    def decode_logits(self, codes_BxZ: ArrayLike) -> jax.Array:
+        raise NotImplementedError
+
+
+class MlpDae(_Dae):
     """ReLU MLP encoder and its mirror image as decoder; the last layer returns logits.
 
     Inputs are images ``[B, *image_shape]`` (28x28x1 for the tutorial) or flat
@@ -67,7 +95,6 @@ class MlpDae(nnx.Module):
     in the layout of its input.
     """
 
-    predicts: ClassVar[str] = "logits"
     fully_convolutional: ClassVar[bool] = False
 
     def __init__(
@@ -140,21 +167,9 @@ class MlpDae(nnx.Module):
         """Logits of the reconstruction, flat ``[B, 784]``."""
         return self._decode_logits(jnp.asarray(codes_BxZ, jnp.float32))
 
-    def decode(self, codes_BxZ: ArrayLike) -> jax.Array:
-        pixels_BxP = jax.nn.sigmoid(self.decode_logits(codes_BxZ))
-        return pixels_BxP.reshape(pixels_BxP.shape[0], *self.image_shape)
-
     def logits(self, x: ArrayLike) -> jax.Array:
         """Reconstruction logits in the layout of ``x``: what the losses take."""
         return self._decode_logits(self._codes(x)).reshape(jnp.shape(x))
-
-    outputs = logits
-
-    def to_pixels(self, outputs: jax.Array) -> jax.Array:
-        return jax.nn.sigmoid(outputs)
-
-    def __call__(self, x: ArrayLike) -> jax.Array:
-        return jax.nn.sigmoid(self.logits(x))
 
 
 def _tied(
@@ -166,7 +181,7 @@ def _tied(
     return h_BxH @ kernel.T + bias
 
 
-class ConvDae(nnx.Module):
+class ConvDae(_Dae):
     """A convolutional DAE, fully convolutional.
 
     Encoder: a 3x3 convolution to ``channels[0]`` maps at full resolution, then one
@@ -189,9 +204,6 @@ class ConvDae(nnx.Module):
     same parameters with kernel gradients XLA:CPU runs fast; ``fast_convs=False`` runs
     the layers as flax writes them.
     """
-
-    predicts: ClassVar[str] = "logits"
-    fully_convolutional: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -297,10 +309,6 @@ class ConvDae(nnx.Module):
         logits = logits[:, : self.image_shape[0], : self.image_shape[1]]
         return logits.reshape(logits.shape[0], -1)
 
-    def decode(self, codes_BxZ: ArrayLike) -> jax.Array:
-        pixels = jax.nn.sigmoid(self.decode_logits(codes_BxZ))
-        return pixels.reshape(pixels.shape[0], *self.image_shape)
-
     def logits(self, x: ArrayLike) -> jax.Array:
         maps = self.features(x)
         logits = self._decode_maps(maps[-1], maps if self.skip else None)
@@ -308,16 +316,8 @@ class ConvDae(nnx.Module):
             return logits.reshape(jnp.shape(x))
         return logits[:, : jnp.shape(x)[1], : jnp.shape(x)[2]]
 
-    outputs = logits
 
-    def to_pixels(self, outputs: jax.Array) -> jax.Array:
-        return jax.nn.sigmoid(outputs)
-
-    def __call__(self, x: ArrayLike) -> jax.Array:
-        return jax.nn.sigmoid(self.logits(x))
-
-
-class DnCnn(nnx.Module):
+class DnCnn(_Dae):
     """DnCNN (Zhang et al. 2017): ``depth`` 3x3 convolutions of ``features`` maps with
     ReLU between them predict the noise, which is subtracted from the input (residual
     learning); the output is pixels, not logits, so its loss is the MSE on pixels.
@@ -330,7 +330,6 @@ class DnCnn(nnx.Module):
     """
 
     predicts: ClassVar[str] = "pixels"
-    fully_convolutional: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -384,9 +383,6 @@ class DnCnn(nnx.Module):
             "DnCNN has no decoder from codes: it predicts the noise of its input; call the "
             "model on the noisy images instead"
         )
-
-    def __call__(self, x: ArrayLike) -> jax.Array:
-        return self.to_pixels(self.outputs(x))
 
 
 @dataclasses.dataclass(frozen=True)
