@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from scipy import stats
 
-from dae_jax import corruption, data, metrics, plots, report, train
+from dae_jax import corruption, data, metrics, plots, report, step, train
 from dae_jax.errors import UserError
 
 SCORES = {
@@ -85,7 +85,7 @@ def run_experiment(
         train_indices=indices,
         log=log,
     )
-    clean = train.to_float(jnp.asarray(dataset.test_images))
+    clean = step.to_float(jnp.asarray(dataset.test_images))
     noisy = corruption.corrupt(
         config.noise.kind,
         jax.random.key(config.seed + 10_000),

@@ -250,9 +250,9 @@ class _Split:
             pool,
             jnp.asarray(dataset.train_images[pool]),
             jnp.asarray(dataset.train_labels[pool]),
-            train.to_float(jnp.asarray(dataset.train_images[val])),
+            step.to_float(jnp.asarray(dataset.train_images[val])),
             jnp.asarray(dataset.train_labels[val]),
-            train.to_float(jnp.asarray(dataset.test_images)),
+            step.to_float(jnp.asarray(dataset.test_images)),
             jnp.asarray(dataset.test_labels),
         )
 
@@ -381,7 +381,7 @@ def _pretrained_starts(
     graphdef = nnx.split(models.create(config, key=jax.random.key(0)))[0]
     starts: dict[str, nnx.State] = {"random init": fresh}
     if config.model.kind == "mlp":
-        pixels = train.to_float(split.images).reshape(len(split.pool), -1)
+        pixels = step.to_float(split.images).reshape(len(split.pool), -1)
         for name, (kind, level) in _stacked_variants().items():
             begin = time.perf_counter()
             stack = jax.jit(

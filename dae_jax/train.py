@@ -1,6 +1,6 @@
 """Training's Python API: ``fit`` (one model) and ``fit_many`` (a population), both thin
-faces of the one loop in ``dae_jax.engine``; the step's building blocks are in
-``dae_jax.step`` and re-exported here.
+faces of the one loop in ``dae_jax.engine``; the step's building blocks (state, keys,
+data order, the compiled chunk, evaluation) are in ``dae_jax.step``.
 """
 
 from __future__ import annotations
@@ -19,67 +19,11 @@ from flax import nnx
 
 from dae_jax import data, engine, models
 from dae_jax.configs import validate
-from dae_jax.engine import EpochCallback, Result, enable_compile_cache
+from dae_jax.engine import EpochCallback, Result
 from dae_jax.errors import UserError
-from dae_jax.runfiles import device_info, prepare_workdir, rewind_metrics, versions
-from dae_jax.step import (
-    EVAL_METRICS,
-    TRACED,
-    Hyper,
-    KeyStreams,
-    Member,
-    Optim,
-    Setup,
-    TrainState,
-    abstract_state,
-    batched_with_padding,
-    chunks,
-    epoch_order,
-    evaluate,
-    hyper_of,
-    init_state,
-    key_streams,
-    padded_test_batches,
-    population_chunk,
-    to_float,
-    train_chunk,
-    train_step,
-)
+from dae_jax.step import TRACED, Member, TrainState
 
-__all__ = [
-    "EVAL_METRICS",
-    "EpochCallback",
-    "FitResult",
-    "Hyper",
-    "KeyStreams",
-    "Member",
-    "Optim",
-    "Result",
-    "Setup",
-    "TRACED",
-    "TrainState",
-    "abstract_state",
-    "batched_with_padding",
-    "chunks",
-    "device_info",
-    "enable_compile_cache",
-    "epoch_order",
-    "evaluate",
-    "fit",
-    "fit_many",
-    "hyper_of",
-    "init_state",
-    "key_streams",
-    "nnx",
-    "padded_test_batches",
-    "population_chunk",
-    "prepare_workdir",
-    "rewind_metrics",
-    "to_float",
-    "train_chunk",
-    "train_step",
-    "versions",
-]
+__all__ = ["FitResult", "fit", "fit_many"]
 
 
 @dataclasses.dataclass(frozen=True)

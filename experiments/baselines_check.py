@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dae_jax import baselines, corruption, data, metrics, train
+from dae_jax import baselines, corruption, data, metrics, runfiles, step
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
         {"name": "fashion_mnist", "local_dir": "", "tfds_dir": "", "train_size": 0, "test_size": 0}
     )
     dataset = data.load(config)
-    print(f"{dataset.name} from {dataset.source}; {train.device_info()}")
+    print(f"{dataset.name} from {dataset.source}; {runfiles.device_info()}")
     out: dict = {"images": args.images, "clip": args.clip, "levels": {}}
 
     if not args.skip_probe:
@@ -53,7 +53,7 @@ def main() -> None:
             f"{again['seconds']:.1f} s compiled"
         )
 
-    clean = train.to_float(jnp.asarray(dataset.test_images))
+    clean = step.to_float(jnp.asarray(dataset.test_images))
     key = jax.random.key(10_000)
     print(
         "\n| sigma | noisy (subset) | clip | blur (param) | median (param) | BM3D (sigma_psd) "

@@ -20,7 +20,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from dae_jax import train
+from dae_jax import step
 from dae_jax.configs import default, seed
 
 _INSTRUCTION = re.compile(r"^\s*(ROOT )?%?[\w.\-]+ = |^(ENTRY|%[\w.\-]+ )")
@@ -36,11 +36,11 @@ def config(kind: str):
 
 def instructions(kind: str, models: int) -> str:
     cfg = config(kind)
-    graphdef, _ = train.abstract_state(cfg)
-    setup = train.Setup.from_config(cfg, graphdef)
+    graphdef, _ = step.abstract_state(cfg)
+    setup = step.Setup.from_config(cfg, graphdef)
     keys = jax.random.split(jax.random.key(0), models)
-    states = jax.vmap(lambda key: train.init_state(cfg, key)[1])(keys)
-    hyper = train.hyper_of([train.Member.of(cfg).mapping] * models)
+    states = jax.vmap(lambda key: step.init_state(cfg, key)[1])(keys)
+    hyper = step.hyper_of([step.Member.of(cfg).mapping] * models)
     args = (
         states,
         jnp.ones((models,), bool),
@@ -50,7 +50,7 @@ def instructions(kind: str, models: int) -> str:
         keys,
         hyper,
     )
-    chunk = jax.jit(functools.partial(train.population_chunk, setup, 4))
+    chunk = jax.jit(functools.partial(step.population_chunk, setup, 4))
     text = re.sub(r"metadata=\{[^}]*\}", "", chunk.lower(*args).compile().as_text() or "")
     lines = [line for line in text.splitlines() if _INSTRUCTION.match(line)]
     return "\n".join(re.sub(r",? ?stack_frame_id=\d+", "", line) for line in lines) + "\n"

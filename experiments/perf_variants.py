@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dae_jax import fast_conv, train
+from dae_jax import fast_conv, step
 from dae_jax.configs import seed
 
 STEPS = 100
@@ -37,14 +37,14 @@ STEPS = 100
 
 def main() -> None:
     config = seed.get_config()
-    graphdef, _ = train.abstract_state(config)
-    setup = train.Setup.from_config(config, graphdef)
-    holder = {"state": train.init_state(config, jax.random.key(0))[1]}
+    graphdef, _ = step.abstract_state(config)
+    setup = step.Setup.from_config(config, graphdef)
+    holder = {"state": step.init_state(config, jax.random.key(0))[1]}
     images_u8 = jax.device_put(
         np.random.default_rng(0).integers(0, 256, (60000, 28, 28, 1), dtype=np.uint8)
     )
     images_f32 = jax.device_put(np.asarray(images_u8, np.float32) / 255)
-    order = train.epoch_order(jax.random.key(1), 1, num_examples=60000, steps=468, batch_size=128)
+    order = step.epoch_order(jax.random.key(1), 1, num_examples=60000, steps=468, batch_size=128)
     key, level, start = jax.random.key(2), jnp.float32(1.0), jnp.int32(0)
 
     def float_chunk(state, images, order_SxB, start, noise_key, level):
@@ -52,21 +52,21 @@ def main() -> None:
 
         def body(state, indices_B):
             noise = jax.random.fold_in(noise_key, state.step)
-            return train.train_step(setup, state, images[indices_B], noise, level)
+            return step.train_step(setup, state, images[indices_B], noise, level)
 
         return jax.lax.scan(body, state, indices)
 
-    chunk = functools.partial(train.train_chunk, setup, STEPS)
+    chunk = functools.partial(step.train_chunk, setup, STEPS)
     scan_donated = jax.jit(chunk, donate_argnums=0)
     scan_kept = jax.jit(chunk)
     scan_float = jax.jit(float_chunk, donate_argnums=0)
 
     def one_step(state, images, indices_B, noise_key, level):
-        clean = train.to_float(images[indices_B])
+        clean = step.to_float(images[indices_B])
         noise = jax.random.fold_in(noise_key, state.step)
-        return train.train_step(setup, state, clean, noise, level)
+        return step.train_step(setup, state, clean, noise, level)
 
-    step = jax.jit(one_step, donate_argnums=0)
+    one_jit = jax.jit(one_step, donate_argnums=0)
 
     def scanned(program: Callable, images: jax.Array) -> Callable[[], None]:
         def run() -> None:
@@ -78,7 +78,7 @@ def main() -> None:
     def stepwise(read_each_step: bool) -> Callable[[], None]:
         def run() -> None:
             for i in range(STEPS):
-                holder["state"], loss = step(holder["state"], images_u8, order[i], key, level)
+                holder["state"], loss = one_jit(holder["state"], images_u8, order[i], key, level)
                 if read_each_step:
                     float(loss)  # what `loss.item()` does in the tutorial
             loss.block_until_ready()
@@ -198,13 +198,13 @@ def conv_profile(directory: str, length: int = 4) -> None:
     from dae_jax.bench import conv_config
 
     config = conv_config()
-    graphdef, state = train.init_state(config, jax.random.key(0))
-    setup = train.Setup.from_config(config, graphdef)
+    graphdef, state = step.init_state(config, jax.random.key(0))
+    setup = step.Setup.from_config(config, graphdef)
     pixels = np.random.default_rng(0).integers(0, 256, (4096, 28, 28, 1), dtype=np.uint8)
-    order = train.epoch_order(jax.random.key(1), 0, num_examples=4096, steps=32, batch_size=128)
+    order = step.epoch_order(jax.random.key(1), 0, num_examples=4096, steps=32, batch_size=128)
     rest = (jax.device_put(pixels), order, jnp.int32(0), jax.random.key(2))
-    hyper = jax.tree.map(lambda x: x[0], train.hyper_of([train.Member.of(config).mapping]))
-    chunk = jax.jit(functools.partial(train.train_chunk, setup, length), donate_argnums=0)
+    hyper = jax.tree.map(lambda x: x[0], step.hyper_of([step.Member.of(config).mapping]))
+    chunk = jax.jit(functools.partial(step.train_chunk, setup, length), donate_argnums=0)
     state = chunk(state, jnp.bool_(True), *rest, hyper)[0]  # compile and warm up
     with jax.profiler.trace(directory):
         start = time.perf_counter()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import dae_jax
-from dae_jax import train
+from dae_jax import runfiles, train
 from tests.conftest import DAE_JAX, REPO, TINY_FLAGS, cli_here, run_cli, tiny_config
 
 EPOCHS = 16  # long enough that a signal lands mid-run, short enough for a test
@@ -195,7 +195,7 @@ def test_metrics_rewind_drops_cut_lines_and_later_steps(tmp_path):
         '{"event": "epoch", "epoch": 2, "step": 16}\n'
         '{"event": "epo'
     )
-    history = train.rewind_metrics(path, 8)
+    history = runfiles.rewind_metrics(path, 8)
     assert history == [{"epoch": 1, "step": 8}]
     assert (
         path.read_text()

@@ -36,7 +36,7 @@ def test_a_registered_metric_reaches_evaluation_and_sweeps(tiny):
     import jax.numpy as jnp
     import numpy as np
 
-    from dae_jax import data, metrics, train
+    from dae_jax import data, metrics, step
 
     a = jax.random.uniform(jax.random.key(0), (3, 8, 8, 1))
     b = jax.random.uniform(jax.random.key(1), (3, 8, 8, 1))
@@ -46,13 +46,13 @@ def test_a_registered_metric_reaches_evaluation_and_sweeps(tiny):
     assert set(metrics.scores(a, b)) == set(metrics.IMAGE) >= {"psnr", "ssim", "mse", "mae"}
     config = tiny()
     dataset = data.load(config.data, seed=0)
-    graphdef, state = train.init_state(config, train.key_streams(0).init)
-    setup = train.Setup.from_config(config, graphdef)
-    batches, weights = train.batched_with_padding(dataset.test_images, 48)
-    values = train.evaluate(
-        setup, state.params, jnp.asarray(batches), jnp.asarray(weights), train.key_streams(0).eval,
+    graphdef, state = step.init_state(config, step.key_streams(0).init)
+    setup = step.Setup.from_config(config, graphdef)
+    batches, weights = step.batched_with_padding(dataset.test_images, 48)
+    values = step.evaluate(
+        setup, state.params, jnp.asarray(batches), jnp.asarray(weights), step.key_streams(0).eval,
         jnp.float32(0.5),
     )  # fmt: skip
-    assert set(values) == set(train.EVAL_METRICS)
+    assert set(values) == set(step.EVAL_METRICS)
     assert {"test_mae_noisy", "test_mae_denoised"} <= set(values)
     assert 0 < float(values["test_mae_noisy"]) < 1

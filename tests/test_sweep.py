@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import dae_jax
-from dae_jax import sweep, train
+from dae_jax import step, sweep, train
 from dae_jax.errors import UserError
 from tests.conftest import REPO, TINY_FLAGS, cli_here, tiny_config
 
@@ -179,7 +179,7 @@ def test_optimizer_options_schedule_and_clipping(tmp_path):
         run = train.fit(
             tiny_config(**{"optim.grad_clip": clip}), tmp_path / f"clip{clip}", log=lambda _: None
         )
-        start = train.init_state(tiny_config(), train.key_streams(0).init)[1].params
+        start = step.init_state(tiny_config(), step.key_streams(0).init)[1].params
         deltas = [
             np.abs(np.asarray(a) - np.asarray(b)).max()
             for a, b in zip(jax.tree.leaves(run.state.params), jax.tree.leaves(start), strict=True)

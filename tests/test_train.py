@@ -2,8 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from dae_jax import data, train
+from dae_jax import data, step, train
 from dae_jax.errors import UserError
 
 
@@ -37,20 +38,20 @@ def test_training_reduces_the_loss_and_denoises(tiny, tmp_path):
 
 
 def test_chunks_cover_the_epoch():
-    assert list(train.chunks(10, 4)) == [(0, 4), (4, 4), (8, 2)]
-    assert list(train.chunks(8, 100)) == [(0, 8)]
+    assert list(step.chunks(10, 4)) == [(0, 4), (4, 4), (8, 2)]
+    assert list(step.chunks(8, 100)) == [(0, 8)]
 
 
 def test_epoch_order_is_a_permutation_per_epoch():
     key = jax.random.key(0)
-    a = np.asarray(train.epoch_order(key, 1, num_examples=10, steps=3, batch_size=3))
-    b = np.asarray(train.epoch_order(key, 2, num_examples=10, steps=3, batch_size=3))
+    a = np.asarray(step.epoch_order(key, 1, num_examples=10, steps=3, batch_size=3))
+    b = np.asarray(step.epoch_order(key, 2, num_examples=10, steps=3, batch_size=3))
     assert a.shape == (3, 3) and len(set(a.ravel())) == 9
     assert not np.array_equal(a, b)
 
 
 def test_padding_weights():
-    padded, weights = train.batched_with_padding(np.ones((5, 2), np.uint8), 2)
+    padded, weights = step.batched_with_padding(np.ones((5, 2), np.uint8), 2)
     assert padded.shape == (3, 2, 2) and weights.tolist() == [[1, 1], [1, 1], [1, 0]]
 
 
@@ -62,17 +63,17 @@ def test_batch_larger_than_the_training_set(tiny, tmp_path):
 def test_evaluate_matches_a_direct_computation(tiny):
     config = tiny()
     dataset = data.load(config.data, seed=config.seed)
-    keys = train.key_streams(0)
-    graphdef, state = train.init_state(config, keys.init)
-    setup = train.Setup.from_config(config, graphdef)
-    batches, weights = train.batched_with_padding(dataset.test_images, 40)  # 96 = 40+40+16
-    result = train.evaluate(
+    keys = step.key_streams(0)
+    graphdef, state = step.init_state(config, keys.init)
+    setup = step.Setup.from_config(config, graphdef)
+    batches, weights = step.batched_with_padding(dataset.test_images, 40)  # 96 = 40+40+16
+    result = step.evaluate(
         setup, state.params, jnp.asarray(batches), jnp.asarray(weights), keys.eval, jnp.float32(0)
     )
     # With no noise the input PSNR is infinite; the loss is the model's plain MSE.
     assert np.isinf(float(result["test_psnr_noisy"]))
     clean = dataset.test_images.astype(np.float32) / 255.0
-    reconstructed = np.asarray(train.nnx.merge(graphdef, state.params)(clean))
+    reconstructed = np.asarray(nnx.merge(graphdef, state.params)(clean))
     expected_mse = np.mean((reconstructed - clean) ** 2)
     assert float(result["test_loss"]) == pytest.approx(expected_mse, rel=1e-5)
 
