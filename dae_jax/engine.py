@@ -125,14 +125,15 @@ class _Log:
     """Prints the run's lines (process 0 only), through a progress bar when stderr is a
     terminal or a notebook (``tqdm.auto``); a ``log`` callable receives them instead."""
 
-    def __init__(
-        self, log: Callable[[str], None] | None, total_steps: int | None = None, done: int = 0
-    ):
+    def __init__(self, log: Callable[[str], None] | None):
         self.log = log
-        self.bar = None
+        self.bar: Any = None
         self.primary = parallel.is_primary()
+
+    def start_bar(self, total_steps: int, done: int) -> None:
+        """Shows training's progress bar (until ``close``) when there is a terminal."""
         interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
-        if total_steps is not None and log is None and self.primary and interactive:
+        if self.log is None and self.primary and interactive:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(
@@ -181,6 +182,33 @@ class _StopSignals:
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+class _Writers:
+    """Where a run's records go: every event to ``metrics.jsonl``; each epoch's record
+    also to TensorBoard (``W/tensorboard``, a run per member) and to the ``on_epoch``
+    callback with its model."""
+
+    def __init__(
+        self, workdir: Path, members: int, tensorboard: bool, on_epoch: EpochCallback | None
+    ):
+        self.jsonl = runfiles.MetricsWriter(workdir / "metrics.jsonl")
+        self.tensorboard = runfiles.TensorBoard(workdir / "tensorboard", members, tensorboard)
+        self.on_epoch = on_epoch
+
+    def write(self, event: str, **record: Any) -> None:
+        self.jsonl.write(event, **record)
+
+    def epoch(self, k: int, record: dict[str, Any], model: Callable[[], Any]) -> None:
+        """Member ``k``'s epoch record; ``model()`` gives its model, for the callback."""
+        self.jsonl.write("epoch", **record)
+        self.tensorboard.epoch(k, record)
+        if self.on_epoch is not None:
+            self.on_epoch(record, model())
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.tensorboard.close()
 
 
 @dataclasses.dataclass
@@ -442,8 +470,9 @@ class _Loop:
         else:
             state, position = self._fresh()
             history = []
-        writer = runfiles.MetricsWriter(self.metrics_path)
-        writer.write(
+        tensorboard = bool(self.config.get("tensorboard", True))
+        writers = _Writers(self.workdir, self.k, tensorboard, on_epoch)
+        writers.write(
             "resume" if restored is not None else "start",
             step=self._global_step(position),
             dataset=self.dataset.name,
@@ -457,22 +486,18 @@ class _Loop:
                 self.workdir / "population.json",
                 {"members": [m.record() for m in self.members]},
             )
-        self.tensorboard = runfiles.TensorBoard(
-            self.workdir / "tensorboard", self.k, bool(self.config.get("tensorboard", True))
-        )
         self.trained_before = position.epochs_done if restored is not None else None
         try:
             with self.stop:  # a stop signal after the last chunk: the run just finishes
                 state, first_step, compile_seconds, train_seconds = self._epochs(
-                    state, position, history, writer, on_epoch
+                    state, position, history, writers
                 )
                 return self._finish(
                     state, position, history, restored, first_step, compile_seconds,
-                    train_seconds, figures, writer,
+                    train_seconds, figures, writers,
                 )  # fmt: skip
         finally:
-            writer.close()
-            self.tensorboard.close()
+            writers.close()
 
     def _inputs(self, position: _Position) -> dict[str, Any]:
         """The run's device arrays, placed once."""
@@ -540,8 +565,7 @@ class _Loop:
         state: TrainState,
         position: _Position,
         history: list[dict[str, Any]],
-        writer: runfiles.MetricsWriter,
-        on_epoch: EpochCallback | None,
+        writers: _Writers,
     ) -> tuple[TrainState, float | None, float, float]:
         config, p, epochs = self.config, self.placement, self.config.train.epochs
         models = f": {self.k} models at once" if self.k > 1 else ""
@@ -555,10 +579,9 @@ class _Loop:
         )
         compile_seconds = time.perf_counter() - compile_start
         self.say(f"Compiled {len(programs) + 1} programs in {compile_seconds:.1f} s")
-        writer.write("compile", seconds=compile_seconds)
+        writers.write("compile", seconds=compile_seconds)
 
-        progress = _Log(self.log, self.steps * epochs, self._global_step(position))
-        self.say, say = progress, self.say
+        self.say.start_bar(self.steps * epochs, self._global_step(position))
         profile_steps = int(config.get("profile_steps", 0))
         profiler = runfiles.Profiler(profile_steps, self.workdir / "profile", self.say)
         train_seconds, self.first_step = 0.0, None
@@ -574,7 +597,7 @@ class _Loop:
                 train_seconds += epoch_seconds
                 self._end_epoch(
                     epoch, first, epoch_seconds, state, evaluate, inputs, position, history,
-                    writer, on_epoch,
+                    writers,
                 )  # fmt: skip
                 if epoch % config.checkpoint.every_epochs == 0 or epoch == epochs:
                     self._save(state, position)
@@ -584,8 +607,7 @@ class _Loop:
                     raise self._stopped(stop.signum, position, f"after epoch {epoch}")
         finally:
             profiler.stop()
-            progress.close()
-            self.say = say
+            self.say.close()
         return state, self.first_step, compile_seconds, train_seconds
 
     def _train_epoch(
@@ -660,8 +682,7 @@ class _Loop:
         mean = float(values[live].mean()) if live else float("nan")
         suffix = f" (mean of {len(live)} models)" if self.k > 1 else ""
         self.say(train_line(epoch, done * self.batch_size, self.num_train, mean, suffix))
-        if isinstance(self.say, _Log):
-            self.say.advance(length)
+        self.say.advance(length)
 
     def _after_nan(self) -> str:
         steps = self.checkpoints.steps()
@@ -691,8 +712,7 @@ class _Loop:
         inputs: dict,
         position: _Position,
         history: list[dict[str, Any]],
-        writer: runfiles.MetricsWriter,
-        on_epoch: EpochCallback | None,
+        writers: _Writers,
     ) -> None:
         """Evaluates every member, writes its epoch record, and moves to the next epoch."""
         eval_start = time.perf_counter()
@@ -718,10 +738,7 @@ class _Loop:
                 **({"diverged": True} if k in position.diverged else {}),
             }
             history.append(record)
-            writer.write("epoch", **record)
-            self.tensorboard.epoch(k, record)
-            if on_epoch is not None:
-                on_epoch(record, nnx.merge(self.graphdef, _member(state.params, k)))
+            writers.epoch(k, record, functools.partial(self._model, state, k))
         position.epochs_done, position.step_in_epoch = epoch, 0
         position.loss_sums = [0.0] * self.k
         last = history[-self.k :]
@@ -739,6 +756,9 @@ class _Loop:
             f"({epoch_seconds:.1f} s, {last[0]['examples_per_second']:,.0f} examples/s)"
         )
 
+    def _model(self, state: TrainState, k: int) -> nnx.Module:
+        return nnx.merge(self.graphdef, _member(state.params, k))
+
     def _finish(
         self,
         state: TrainState,
@@ -749,7 +769,7 @@ class _Loop:
         compile_seconds: float,
         train_seconds: float,
         figures: bool,
-        writer: runfiles.MetricsWriter,
+        writers: _Writers,
     ) -> Result:
         config, workdir, epochs = self.config, self.workdir, self.config.train.epochs
         if self.trained_before is not None and self.trained_before >= epochs:  # before, not now
@@ -762,10 +782,11 @@ class _Loop:
             eval_key = key_streams(position.root_keys[0]).eval
             _write_figures(workdir, config, self.setup, params, self.dataset, eval_key, history)
             figure = workdir / "figures" / "denoising.png"
-            self.tensorboard.image(0, "denoising", figure, position.epochs_done)  # as the scalars
+            epoch = position.epochs_done  # the step the scalars are logged at
+            writers.tensorboard.image(0, "denoising", figure, epoch)
         finals = [[r for r in history if r.get("model", 0) == k][-1:] for k in range(self.k)]
         for k, last in enumerate(finals):
-            self.tensorboard.hparams(k, self.hparams[k], (last or [{}])[0])
+            writers.tensorboard.hparams(k, self.hparams[k], (last or [{}])[0])
         last_steps = self.checkpoints.steps()
         summary = {
             "dataset": self.dataset.name,
@@ -785,7 +806,7 @@ class _Loop:
             "device": runfiles.device_info(),
         }
         runfiles.write_json(workdir / "summary.json", summary)
-        writer.write(
+        writers.write(
             "end", epochs=epochs, step=self._global_step(position), train_seconds=train_seconds
         )
         if history and self.k == 1:

@@ -243,6 +243,19 @@ def test_tensorboard_can_be_turned_off(tmp_path):
     assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "profile").exists()
 
 
+def test_on_a_terminal_training_shows_a_progress_bar_and_the_lines_above_it(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    config = tiny_config(tensorboard=False, **{"train.epochs": 1})
+    train.fit(config, tmp_path)  # no log: lines go through the bar
+    out, err = capsys.readouterr()
+    lines = (out + err).splitlines()
+    assert any(line.startswith("====> Epoch: 1 Average loss") for line in lines)
+    assert "8/8 [" in err and "step/s]" in err  # the bar counted every step, on stderr
+    assert err.endswith(" \r")  # and was cleared at the end (leave=False)
+
+
 def test_a_full_disk_stops_at_the_first_save_keeping_the_last_good_one(tmp_path, monkeypatch):
     from collections import namedtuple
 
