@@ -262,7 +262,7 @@ def run(
         try:
             return loop.train(on_epoch, figures)
         finally:
-            loop.checkpoints.close()  # every save in flight is finished before we return
+            loop.store.checkpoints.close()  # every save in flight is finished before we return
 
 
 def with_image_shape(
@@ -297,6 +297,135 @@ def with_image_shape(
     resolved = ml_collections.ConfigDict(config.to_dict())
     resolved.data.image_shape = tuple(shape)
     return resolved
+
+
+class _Store:
+    """A run's checkpoints: what resuming checks and restores, what each save records
+    (the states and where training stands), and what starting over sets aside."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: Path,
+        members: tuple[Member, ...],
+        abstract: TrainState,
+        steps: int,
+        schedule: str,
+        say: Callable[[str], None],
+    ):
+        self.config, self.workdir, self.members, self.abstract = config, workdir, members, abstract
+        self.steps, self.schedule, self.say = steps, schedule, say
+        self.checkpoints = checkpointing.Checkpoints(
+            workdir / "checkpoints", keep=config.checkpoint.keep, warn=say
+        )
+        self.metrics_path = workdir / "metrics.jsonl"
+
+    def check(self, meta: dict[str, Any]) -> None:
+        """Refuses to resume a checkpoint trained with other settings or members."""
+        saved = meta.get("config")
+        if saved is None:  # written before checkpoints held their config
+            saved = runfiles.read_json(self.workdir / "config.json")
+        if not isinstance(saved, dict) or not saved:  # no trustworthy record: shapes decide
+            saved = None
+        changes = checkpointing.science_changes(saved, self.config) if saved else []
+        if len(self.members) > 1:  # each member's own seed and traced values, not the base's
+            own = tuple(f"{key}:" for key in ("seed", *TRACED))
+            changes = [c for c in changes if not c.startswith(own)]
+            before = tuple(Member.from_record(m, self.config) for m in meta.get("members", []))
+            if before != self.members:
+                changes.append(
+                    f"members: {len(before)} -> {len(self.members)} models, or other seeds or "
+                    f"values of {', '.join(TRACED)}"
+                )
+        if changes:
+            raise UserError(
+                f"--workdir={self.workdir} holds a run trained with other settings "
+                f"({'; '.join(changes)}); resuming would mix two experiments: use a new "
+                "--workdir, or the run's own values (only train.epochs, the learning rate and "
+                "logging, evaluation and checkpoint settings may change)"
+            )
+        done, epochs = int(meta["epoch"]), self.config.train.epochs
+        saved_epochs = (saved or {}).get("train", {}).get("epochs", epochs)
+        if self.schedule != "constant" and saved_epochs != epochs:
+            raise UserError(
+                f"--workdir={self.workdir} holds a run whose {self.schedule} "
+                f"learning-rate schedule spans {saved_epochs} epochs; "
+                f"--config.train.epochs={epochs} would change its rates: give "
+                f"--config.train.epochs={saved_epochs}, or use a new --workdir"
+            )
+        needed = done + (1 if int(meta.get("step_in_epoch", 0)) else 0)  # a partial epoch counts
+        if epochs < needed:  # refused before config.json or anything else is rewritten
+            raise UserError(
+                f"--workdir={self.workdir} holds a run trained for {done} epochs"
+                + (" and part of the next" if needed > done else "")
+                + f"; --config.train.epochs={epochs} would cut it back: give "
+                f"--config.train.epochs={needed} or more to resume it, or use a new --workdir"
+            )
+
+    def restore(self) -> tuple[TrainState, _Position, dict[str, Any]] | None:
+        if not self.checkpoints.steps():
+            return None
+        found = self.checkpoints.restore_latest(lambda meta: self.abstract, check=self.check)
+        if found is None:
+            return None
+        state, meta = found
+        position = _Position(
+            int(meta["epoch"]),
+            int(meta["step_in_epoch"]),
+            [float(v) for v in meta["epoch_loss_sum"]],
+            {int(k): v for k, v in meta.get("diverged", {}).items()},
+            jax.random.wrap_key_data(jnp.asarray(meta["root_key_data"], jnp.uint32)),
+        )
+        return state, position, meta
+
+    def fresh(self) -> tuple[TrainState, _Position]:
+        if self.metrics_path.exists() and parallel.is_primary():
+            backup = self.metrics_path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            self.metrics_path.replace(backup)
+            self.say(
+                f"No intact checkpoint in {self.checkpoints.directory}: starting over "
+                f"(the earlier metrics are kept in {backup.name})"
+            )
+        root_keys = jnp.stack([jax.random.key(m.seed) for m in self.members])
+        init_keys = jax.vmap(lambda root: key_streams(root).init)(root_keys)
+        states = jax.vmap(lambda key: init_state(self.config, key)[1])(init_keys)
+        return states, _Position(0, 0, [0.0] * len(self.members), {}, root_keys)
+
+    def save(self, state: TrainState, position: _Position) -> None:
+        self.checkpoints.save(
+            state,
+            {
+                "step": self.global_step(position),
+                "epoch": position.epochs_done,
+                "step_in_epoch": position.step_in_epoch,
+                "epoch_loss_sum": position.loss_sums,
+                "root_key_data": np.asarray(jax.random.key_data(position.root_keys)).tolist(),
+                "members": [m.record() for m in self.members],
+                "diverged": {str(k): v for k, v in position.diverged.items()},
+                "config": checkpointing.plain(self.config),
+            },
+        )
+
+    def global_step(self, position: _Position) -> int:
+        return position.epochs_done * self.steps + position.step_in_epoch
+
+    def after_nan(self) -> str:
+        steps = self.checkpoints.steps()
+        if not steps:
+            return "No checkpoint was saved: start again with a lower --config.optim.learning_rate"
+        return (
+            f"Nothing after the last good checkpoint ({self.checkpoints.path(steps[-1])}) is "
+            "kept: resume from it with a lower --config.optim.learning_rate, or use a new "
+            "--workdir"
+        )
+
+    def stopped(self, signum: int, position: _Position, where: str) -> Interrupted:
+        return Interrupted(
+            f"stopped by {signal.Signals(signum).name} {where}; checkpoint saved in "
+            f"{self.checkpoints.path(self.global_step(position))}: run the same command "
+            "again to resume",
+            exit_code=128 + signum,
+        )
 
 
 class _Loop:
@@ -336,106 +465,14 @@ class _Loop:
         kinds = {str(m.value("noise.kind")) for m in members}  # the members', not the base's
         kind = kinds.pop() if len(kinds) == 1 else ""  # "": traced, one lax.switch per step
         self.setup = dataclasses.replace(self.setup, noise_kind=kind)
-        self.checkpoints = checkpointing.Checkpoints(
-            workdir / "checkpoints", keep=config.checkpoint.keep, warn=self.say
+        self.store = _Store(
+            config, workdir, members, self.abstract, self.steps, self.setup.optim.schedule, self.say
         )
-        self.metrics_path = workdir / "metrics.jsonl"
         self.stop = _StopSignals()
         self.first_step: float | None = None
         # A population's diverging member is frozen; a single run stops (unless asked).
         self.freeze_diverged = freeze_diverged or self.k > 1
         self.hparams = list(hparams) if hparams else [m.record() for m in members]
-
-    # ------------------------------------------------------------ state and files
-
-    def _check(self, meta: dict[str, Any]) -> None:
-        """Refuses to resume a checkpoint trained with other settings or members."""
-        saved = meta.get("config")
-        if saved is None:  # written before checkpoints held their config
-            saved = runfiles.read_json(self.workdir / "config.json")
-        if not isinstance(saved, dict) or not saved:  # no trustworthy record: shapes decide
-            saved = None
-        changes = checkpointing.science_changes(saved, self.config) if saved else []
-        if self.k > 1:  # each member's own seed and traced values, not the base's
-            own = tuple(f"{key}:" for key in ("seed", *TRACED))
-            changes = [c for c in changes if not c.startswith(own)]
-            before = tuple(Member.from_record(m, self.config) for m in meta.get("members", []))
-            if before != self.members:
-                changes.append(
-                    f"members: {len(before)} -> {self.k} models, or other seeds or values of "
-                    f"{', '.join(TRACED)}"
-                )
-        if changes:
-            raise UserError(
-                f"--workdir={self.workdir} holds a run trained with other settings "
-                f"({'; '.join(changes)}); resuming would mix two experiments: use a new "
-                "--workdir, or the run's own values (only train.epochs, the learning rate and "
-                "logging, evaluation and checkpoint settings may change)"
-            )
-        done, epochs = int(meta["epoch"]), self.config.train.epochs
-        saved_epochs = (saved or {}).get("train", {}).get("epochs", epochs)
-        if self.setup.optim.schedule != "constant" and saved_epochs != epochs:
-            raise UserError(
-                f"--workdir={self.workdir} holds a run whose {self.setup.optim.schedule} "
-                f"learning-rate schedule spans {saved_epochs} epochs; "
-                f"--config.train.epochs={epochs} would change its rates: give "
-                f"--config.train.epochs={saved_epochs}, or use a new --workdir"
-            )
-        needed = done + (1 if int(meta.get("step_in_epoch", 0)) else 0)  # a partial epoch counts
-        if epochs < needed:  # refused before config.json or anything else is rewritten
-            raise UserError(
-                f"--workdir={self.workdir} holds a run trained for {done} epochs"
-                + (" and part of the next" if needed > done else "")
-                + f"; --config.train.epochs={epochs} would cut it back: give "
-                f"--config.train.epochs={needed} or more to resume it, or use a new --workdir"
-            )
-
-    def _restore(self) -> tuple[TrainState, _Position, dict[str, Any]] | None:
-        if not self.checkpoints.steps():
-            return None
-        found = self.checkpoints.restore_latest(lambda meta: self.abstract, check=self._check)
-        if found is None:
-            return None
-        state, meta = found
-        position = _Position(
-            int(meta["epoch"]),
-            int(meta["step_in_epoch"]),
-            [float(v) for v in meta["epoch_loss_sum"]],
-            {int(k): v for k, v in meta.get("diverged", {}).items()},
-            jax.random.wrap_key_data(jnp.asarray(meta["root_key_data"], jnp.uint32)),
-        )
-        return state, position, meta
-
-    def _fresh(self) -> tuple[TrainState, _Position]:
-        if self.metrics_path.exists() and parallel.is_primary():
-            backup = self.metrics_path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-            self.metrics_path.replace(backup)
-            self.say(
-                f"No intact checkpoint in {self.checkpoints.directory}: starting over "
-                f"(the earlier metrics are kept in {backup.name})"
-            )
-        root_keys = jnp.stack([jax.random.key(m.seed) for m in self.members])
-        init_keys = jax.vmap(lambda root: key_streams(root).init)(root_keys)
-        states = jax.vmap(lambda key: init_state(self.config, key)[1])(init_keys)
-        return states, _Position(0, 0, [0.0] * self.k, {}, root_keys)
-
-    def _save(self, state: TrainState, position: _Position) -> None:
-        self.checkpoints.save(
-            state,
-            {
-                "step": self._global_step(position),
-                "epoch": position.epochs_done,
-                "step_in_epoch": position.step_in_epoch,
-                "epoch_loss_sum": position.loss_sums,
-                "root_key_data": np.asarray(jax.random.key_data(position.root_keys)).tolist(),
-                "members": [m.record() for m in self.members],
-                "diverged": {str(k): v for k, v in position.diverged.items()},
-                "config": checkpointing.plain(self.config),
-            },
-        )
-
-    def _global_step(self, position: _Position) -> int:
-        return position.epochs_done * self.steps + position.step_in_epoch
 
     # ------------------------------------------------------------------- the loop
 
@@ -454,27 +491,26 @@ class _Loop:
         )
         for note in self.dataset.notes:
             self.say(f"Data: {note}")
-        restored = self._restore()
+        restored = self.store.restore()
         if restored is not None:
             state, position, meta = restored
-            history = runfiles.rewind_metrics(self.metrics_path, int(meta["step"]), self.say)
+            history = runfiles.rewind_metrics(self.store.metrics_path, int(meta["step"]), self.say)
             where = (
                 f"after epoch {position.epochs_done}"
                 if position.step_in_epoch == 0
                 else f"epoch {position.epochs_done + 1}, step {position.step_in_epoch} of "
                 f"{self.steps}"
             )
-            self.say(
-                f"Resuming from checkpoint {self.checkpoints.path(int(meta['step']))} ({where})"
-            )
+            path = self.store.checkpoints.path(int(meta["step"]))
+            self.say(f"Resuming from checkpoint {path} ({where})")
         else:
-            state, position = self._fresh()
+            state, position = self.store.fresh()
             history = []
         tensorboard = bool(self.config.get("tensorboard", True))
         writers = _Writers(self.workdir, self.k, tensorboard, on_epoch)
         writers.write(
             "resume" if restored is not None else "start",
-            step=self._global_step(position),
+            step=self.store.global_step(position),
             dataset=self.dataset.name,
             data_source=self.dataset.source,
             models=self.k,
@@ -581,7 +617,7 @@ class _Loop:
         self.say(f"Compiled {len(programs) + 1} programs in {compile_seconds:.1f} s")
         writers.write("compile", seconds=compile_seconds)
 
-        self.say.start_bar(self.steps * epochs, self._global_step(position))
+        self.say.start_bar(self.steps * epochs, self.store.global_step(position))
         profile_steps = int(config.get("profile_steps", 0))
         profiler = runfiles.Profiler(profile_steps, self.workdir / "profile", self.say)
         train_seconds, self.first_step = 0.0, None
@@ -600,11 +636,11 @@ class _Loop:
                     writers,
                 )  # fmt: skip
                 if epoch % config.checkpoint.every_epochs == 0 or epoch == epochs:
-                    self._save(state, position)
+                    self.store.save(state, position)
                 if stop.signum is not None and epoch < epochs:
                     if epoch % config.checkpoint.every_epochs:
-                        self._save(state, position)
-                    raise self._stopped(stop.signum, position, f"after epoch {epoch}")
+                        self.store.save(state, position)
+                    raise self.store.stopped(stop.signum, position, f"after epoch {epoch}")
         finally:
             profiler.stop()
             self.say.close()
@@ -640,9 +676,9 @@ class _Loop:
             pending.append((start + length, length, chunk_losses, alive))
             if self.stop.signum is not None and start + length < self.steps:
                 self._report(epoch, position, *pending.pop())
-                self._save(state, position)
+                self.store.save(state, position)
                 where = f"in epoch {epoch} at step {position.step_in_epoch} of {self.steps}"
-                raise self._stopped(self.stop.signum, position, where)
+                raise self.store.stopped(self.stop.signum, position, where)
         while pending:
             self._report(epoch, position, *pending.pop())
         return state, alive
@@ -670,7 +706,7 @@ class _Loop:
             if not self.freeze_diverged:
                 raise UserError(
                     f"the loss became {values[k][bad[0]] if bad.size else 'non-finite'} in epoch "
-                    f"{epoch} at step {at} of {self.steps}; stopped. {self._after_nan()}",
+                    f"{epoch} at step {at} of {self.steps}; stopped. {self.store.after_nan()}",
                     exit_code=1,
                 )
             self.say(
@@ -683,24 +719,6 @@ class _Loop:
         suffix = f" (mean of {len(live)} models)" if self.k > 1 else ""
         self.say(train_line(epoch, done * self.batch_size, self.num_train, mean, suffix))
         self.say.advance(length)
-
-    def _after_nan(self) -> str:
-        steps = self.checkpoints.steps()
-        if not steps:
-            return "No checkpoint was saved: start again with a lower --config.optim.learning_rate"
-        return (
-            f"Nothing after the last good checkpoint ({self.checkpoints.path(steps[-1])}) is "
-            "kept: resume from it with a lower --config.optim.learning_rate, or use a new "
-            "--workdir"
-        )
-
-    def _stopped(self, signum: int, position: _Position, where: str) -> Interrupted:
-        return Interrupted(
-            f"stopped by {signal.Signals(signum).name} {where}; checkpoint saved in "
-            f"{self.checkpoints.path(self._global_step(position))}: run the same command "
-            "again to resume",
-            exit_code=128 + signum,
-        )
 
     def _end_epoch(
         self,
@@ -787,12 +805,12 @@ class _Loop:
         finals = [[r for r in history if r.get("model", 0) == k][-1:] for k in range(self.k)]
         for k, last in enumerate(finals):
             writers.tensorboard.hparams(k, self.hparams[k], (last or [{}])[0])
-        last_steps = self.checkpoints.steps()
+        last_steps = self.store.checkpoints.steps()
         summary = {
             "dataset": self.dataset.name,
             "data_source": self.dataset.source,
             "epochs": epochs,
-            "steps": self._global_step(position),
+            "steps": self.store.global_step(position),
             "num_params": sum(int(np.size(p)) for p in jax.tree.leaves(state.params)) // self.k,
             "final": (finals[0] or [{}])[0] if self.k == 1 else [(f or [{}])[0] for f in finals],
             **({"members": [m.record() for m in self.members]} if self.k > 1 else {}),
@@ -801,13 +819,13 @@ class _Loop:
             "compile_seconds": compile_seconds,
             "time_to_first_step_seconds": first_step,
             "train_seconds": train_seconds,
-            "checkpoint": str(self.checkpoints.path(last_steps[-1])) if last_steps else None,
+            "checkpoint": str(self.store.checkpoints.path(last_steps[-1])) if last_steps else None,
             "versions": runfiles.versions(),
             "device": runfiles.device_info(),
         }
         runfiles.write_json(workdir / "summary.json", summary)
         writers.write(
-            "end", epochs=epochs, step=self._global_step(position), train_seconds=train_seconds
+            "end", epochs=epochs, step=self.store.global_step(position), train_seconds=train_seconds
         )
         if history and self.k == 1:
             final = history[-1]
@@ -815,7 +833,7 @@ class _Loop:
                 f"Done. Final test PSNR {final['test_psnr_noisy']:.2f} dB (noisy input) -> "
                 f"{final['test_psnr_denoised']:.2f} dB (reconstruction). Figures: "
                 f"{workdir / 'figures' / 'denoising.png'}, {workdir / 'figures' / 'loss.png'}; "
-                f"metrics: {self.metrics_path}"
+                f"metrics: {self.store.metrics_path}"
             )
         return Result(self.graphdef, state, self.members, history, dict(position.diverged), summary)
 
