@@ -252,6 +252,7 @@ def run(
     if dataset is None:
         dataset = data.load(config.data, seed=config.seed)
     config = with_image_shape(config, dataset)
+    check_memory(config, len(members), dataset)
     runfiles.prepare_workdir(workdir)
     with runfiles.WorkdirLock(workdir):
         guard.stage("training")
@@ -263,6 +264,45 @@ def run(
             return loop.train(on_epoch, figures)
         finally:
             loop.store.checkpoints.close()  # every save in flight is finished before we return
+
+
+def available_memory() -> tuple[int | None, str]:
+    """Bytes one device can still allocate, and what they are: ``memory_stats()`` on an
+    accelerator, the host's available memory (``/proc/meminfo``) on the CPU; None where
+    neither is known."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats()
+    if stats and stats.get("bytes_limit"):
+        free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        return free, f"free on {device.device_kind}"
+    try:
+        with open("/proc/meminfo") as file:
+            fields = dict(line.split(":", 1) for line in file)
+        return int(fields["MemAvailable"].split()[0]) * 1024, "available on this host"
+    except (OSError, KeyError, ValueError):
+        return None, ""
+
+
+def check_memory(config: ml_collections.ConfigDict, k: int, dataset: data.Dataset) -> None:
+    """Refuses, before anything is written, a run that cannot fit: a lower bound of its
+    needs (each model's parameters, gradients and optimizer state, and the data kept on
+    the device) against what one device can allocate. The host's out-of-memory killer
+    or the allocator would otherwise stop it later, without a checkpoint."""
+    _, abstract = abstract_state(config, k)
+    state = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract))
+    params = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract.params))
+    count = sum(leaf.size for leaf in jax.tree.leaves(abstract.params)) // k
+    models_bytes = (state + params) // max(1, min(k, jax.local_device_count()))
+    needed = models_bytes + dataset.train_images.nbytes + dataset.test_images.nbytes
+    free, where = available_memory()
+    if free is not None and needed > free:
+        raise UserError(
+            f"this run needs at least {needed / 2**30:.1f} GiB ({k} model(s) of "
+            f"{count:,} parameters with their gradients and optimizer state, and the "
+            f"data), more than the {free / 2**30:.1f} GiB {where}: use a smaller model "
+            "(--config.model.hidden, --config.model.channels) or fewer models at once",
+            exit_code=1,
+        )
 
 
 def with_image_shape(

@@ -256,6 +256,25 @@ def test_on_a_terminal_training_shows_a_progress_bar_and_the_lines_above_it(
     assert err.endswith(" \r")  # and was cleared at the end (leave=False)
 
 
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_anything_is_written(
+    tmp_path, monkeypatch
+):
+    from dae_jax import engine
+
+    free, where = engine.available_memory()
+    assert free is not None and free > 2**20 and where == "available on this host"
+    monkeypatch.setattr(engine, "available_memory", lambda: (2**20, "available on this host"))
+    workdir = tmp_path / "w"
+    with pytest.raises(UserError) as caught:
+        train.fit_many(tiny_config(), seeds=[0, 1], workdir=workdir, log=_quiet)
+    message = str(caught.value)
+    assert message.startswith("this run needs at least 0.0 GiB (2 model(s) of ")
+    assert "more than the 0.0 GiB available on this host: use a smaller model" in message
+    count = int(message.split(" model(s) of ")[1].split(" ")[0].replace(",", ""))
+    assert count == 106_464  # the tiny 784-64-32-16 MLP's, mirrored, each model's own
+    assert not workdir.exists()
+
+
 def test_a_full_disk_stops_at_the_first_save_keeping_the_last_good_one(tmp_path, monkeypatch):
     from collections import namedtuple
 
