@@ -266,6 +266,12 @@ def run(
             loop.store.checkpoints.close()  # every save in flight is finished before we return
 
 
+CGROUP_MEMORY = (  # a job's memory limit and usage: cgroup v2, then v1
+    ("/sys/fs/cgroup", "memory.max", "memory.current"),
+    ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes"),
+)
+
+
 def available_memory() -> tuple[int | None, str]:
     """Bytes one device can still allocate, and what they are: ``memory_stats()`` on an
     accelerator, the host's available memory (``/proc/meminfo``) on the CPU; None where
@@ -278,9 +284,20 @@ def available_memory() -> tuple[int | None, str]:
     try:
         with open("/proc/meminfo") as file:
             fields = dict(line.split(":", 1) for line in file)
-        return int(fields["MemAvailable"].split()[0]) * 1024, "available on this host"
+        free = int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None, ""
+    # A scheduler's memory limit for this job (cgroup v2, else v1), when it is lower.
+    for directory, limit, usage in CGROUP_MEMORY:
+        try:
+            cgroup = Path(directory)
+            left = int((cgroup / limit).read_text()) - int((cgroup / usage).read_text())
+        except (OSError, ValueError):  # no such file, or "max": no limit
+            continue
+        if left < free:
+            return max(left, 0), "left under this job's memory limit (cgroup)"
+        break
+    return free, "available on this host"
 
 
 def check_memory(config: ml_collections.ConfigDict, k: int, dataset: data.Dataset) -> None:

@@ -275,6 +275,17 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_anything_is_written(
     assert not workdir.exists()
 
 
+def test_a_job_s_memory_limit_counts_when_lower_than_the_host_s(tmp_path, monkeypatch):
+    from dae_jax import engine
+
+    (tmp_path / "memory.max").write_text(f"{2**30}\n")
+    (tmp_path / "memory.current").write_text(f"{2**29}\n")
+    monkeypatch.setattr(engine, "CGROUP_MEMORY", [(str(tmp_path), "memory.max", "memory.current")])
+    assert engine.available_memory() == (2**29, "left under this job's memory limit (cgroup)")
+    (tmp_path / "memory.max").write_text("max\n")  # no limit: the host's
+    assert engine.available_memory()[1] == "available on this host"
+
+
 def test_a_full_disk_stops_at_the_first_save_keeping_the_last_good_one(tmp_path, monkeypatch):
     from collections import namedtuple
 
