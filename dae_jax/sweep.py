@@ -783,19 +783,15 @@ def _define(values: Any) -> None:
     flags.DEFINE_multi_string("axis", [], "KEY=V1,V2,...: an axis (repeatable).", **kw)
     flags.DEFINE_list("levels", [], "Shorthand for --axis=noise.level=...", **kw)
     flags.DEFINE_list("learning_rates", [], "Shorthand for --axis=optim.learning_rate=...", **kw)
-    for name in SCORING:
-        flags.DEFINE_bool(
-            name, None, f"Score {SCORING[name]} (default: the grid's, else on).", **kw
-        )
+    for name, what in SCORING.items():
+        flags.DEFINE_bool(name, None, f"Score {what} (default: the grid's, else on).", **kw)
     flags.DEFINE_string("plot", "", "The figures' axes: x:KEY[,hue:KEY].", **kw)
 
 
 def command(argv: list[str], g: Any) -> int:
     grid_name = next((a.split("=", 1)[1] for a in argv if a.startswith("--grid=")), "")
-    doc = "\n\n".join(__doc__.split("\n\n")[:2])
-    doc += "\n\ngrids (--grid=NAME):\n" + "\n".join(
-        f"  {n}: {grid.get('doc', '')}" for n, grid in grids.GRIDS.items()
-    )
+    doc = "\n\n".join(__doc__.split("\n\n")[:2]) + "\n\ngrids (--grid=NAME):\n"
+    doc += "\n".join(f"  {n}: {grid.get('doc', '')}" for n, grid in grids.GRIDS.items())
     if grid_name in grids.GRIDS:
         doc = f"{grid_name}: {grids.GRIDS[grid_name].get('doc', '')}\n\n{doc}"
     parsed = report.parse(argv, g, doc=doc, quick=_quick, define=_define, repeatable=("axis",))
@@ -824,32 +820,25 @@ def command(argv: list[str], g: Any) -> int:
         configs.set_key(config, key, coerce(key, value, config))
     prods = products(grid, axes, config)
     for key in given:
-        if key == "seed" or any(key in p for p in prods):
+        if key == "seed":
+            raise UserError("--config.seed does not apply here: the seeds are --seeds=0,1,2")
+        if any(key in product for product in prods):
             raise UserError(
-                f"--config.{key} does not apply here: "
-                + (
-                    "the seeds are --seeds=0,1,2"
-                    if key == "seed"
-                    else f"{key} is an axis of this sweep; give its values with --axis={key}=V1,V2"
-                )  # fmt: skip
+                f"--config.{key} does not apply here: {key} is an axis of this sweep; give its "
+                f"values with --axis={key}=V1,V2"
             )
-    if values.quick:
+    if values.quick:  # the grid's numeric axes: 2 values each
         for product in prods:
             for key, vals in product.items():
-                numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals)
-                if key not in axes and numeric and len(vals) > 2:
+                if key not in axes and len(vals) > 2 and all(map(_is_number, vals)):
                     product[key] = vals[:2]
                     print(
                         f"--quick kept {key}={','.join(map(report.show, vals[:2]))} of the grid's"
                     )
     plot = values.plot or grid.get("plot", "")
     plot_axes(plot, expand(prods, parsed.seeds, config)[0])
-    score = {
-        stage: values[stage].value
-        if values[stage].value is not None
-        else grid.get("score", {}).get(stage, True)
-        for stage in SCORING
-    }
+    chosen = {stage: values[stage].value for stage in SCORING}
+    score = {s: grid.get("score", {}).get(s, True) if v is None else v for s, v in chosen.items()}
     report.start(g, parsed)
     g.stage = "running the sweep"
     command_line = parsed.command  # as typed: a script's own --grid is not shown
