@@ -177,9 +177,8 @@ def expand(
     axes = list(dict.fromkeys(key for product in prods for key in product))
     specs: dict[Spec, None] = {}
     for product in prods:
-        keys = list(product)
-        for combo in itertools.product(*(product[k] for k in keys)):
-            chosen = dict(zip(keys, combo, strict=True))
+        for combo in itertools.product(*product.values()):
+            chosen = dict(zip(product, combo, strict=True))
             values = tuple((a, chosen.get(a, configs.get_key(base, a))) for a in axes)
             for seed in seeds:
                 specs[Spec(values, int(seed))] = None
@@ -279,21 +278,12 @@ def _manifest(workdir: Path, base: ml_collections.ConfigDict) -> list[Population
 
 
 def _save_manifest(workdir: Path, base, populations: list[Population]) -> None:
-    runfiles.write_json(
-        workdir / "sweep.json",
-        {
-            "format": FORMAT,
-            "config": _base_record(base),
-            "populations": [
-                {
-                    "name": p.name,
-                    "static": _plain(p.static),
-                    "members": [m.record() for m in p.members],
-                }
-                for p in populations
-            ],
-        },
-    )
+    saved = [
+        {"name": p.name, "static": _plain(p.static), "members": [m.record() for m in p.members]}
+        for p in populations
+    ]
+    record = {"format": FORMAT, "config": _base_record(base), "populations": saved}
+    runfiles.write_json(workdir / "sweep.json", record)
 
 
 # ----------------------------------------------------------------------------- run
@@ -642,11 +632,9 @@ def markdown(lines: list[dict[str, Any]], axes: list[str], rows: list[dict], sco
     ]
     for line in lines:
         cells = [report.show(line["values"][a]) for a in axes]
-        if line["diverged"]:
-            cells[-1 if cells else 0 :] = [
-                (cells[-1] if cells else "")
-                + f" ({line['diverged']} of {line['seeds']} diverged, left out)"
-            ]
+        if line["diverged"]:  # said in the last axis' cell (in a cell of its own with no axes)
+            note = f" ({line['diverged']} of {line['seeds']} diverged, left out)"
+            cells[-1:] = ["".join(cells[-1:]) + note]
         cells += [_cell(line["noisy_psnr"], 2), _cell(line["best_classical_psnr"], 2)]
         columns = [("psnr", 2), ("gain_db", 2), ("ssim", 3)] + ([("probe", 4)] if probe else [])
         cells += [_cell(line[key], digits, best(key)) for key, digits in columns]
