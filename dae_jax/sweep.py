@@ -212,9 +212,9 @@ def plan(
     where: dict[Spec, tuple[Population, int]] = {}
     new: list[Population] = []
     taken = {p.name for p in populations}
-    default = functools.partial(configs.get_key, base)
+    default = configs.flat(base)
     for spec in specs:
-        static = {k: v for k, v in sorted(spec.values) if k not in TRACED and v != default(k)}
+        static = {k: v for k, v in sorted(spec.values) if k not in TRACED and v != default[k]}
         member = Member.of(spec.config(base))
         pop = next((p for p in populations if p.static == static and member in p.members), None)
         pop = pop or next((p for p in new if p.static == static), None)
@@ -451,12 +451,12 @@ def _run(experiment, config, axes, specs, where, workdir, score, plot, log, comm
     return results
 
 
-def _members(stages: Path, name: str, model: Callable, at: dict[int, Spec], score: Callable):
+def _members(
+    stages: Path, name: str, model: Callable, at: dict[int, Spec], score: Callable
+) -> list[dict[str, Any]]:
     """A stage of members' rows (``score(model(k))`` for member k), with their identity."""
-    got = _stage(
-        stages, name, [str(k) for k in sorted(at)],
-        lambda missing: {k: score(model(int(k))) for k in missing},
-    )  # fmt: skip
+    wanted = [str(k) for k in sorted(at)]
+    got = _stage(stages, name, wanted, lambda todo: {k: score(model(int(k))) for k in todo})
     return [{**_identity(at[int(k)]), **row} for k, rows in got.items() for row in rows]
 
 
