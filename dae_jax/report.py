@@ -325,16 +325,11 @@ def apply_quick(
     given |= {a[len("-config.") :].split("=", 1)[0] for a in argv if a.startswith("-config.")}
     before = configs.flat(config)
     quick(config)
-    after = configs.flat(config)
-    set_, kept = [], []
-    for key, value in after.items():
-        if value == before.get(key):
-            continue
-        if key in given:
-            configs.set_key(config, key, before[key])
-            kept.append(f"{key}={before[key]!r}")
-        else:
-            set_.append(f"{key}={value!r}")
+    changed = {k: v for k, v in configs.flat(config).items() if v != before.get(k)}
+    for key in changed.keys() & given:
+        configs.set_key(config, key, before[key])
+    set_ = [f"{k}={v!r}" for k, v in changed.items() if k not in given]
+    kept = [f"{k}={before[k]!r}" for k in changed if k in given]
     if seeds_given:
         kept.append(f"seeds={','.join(map(str, seeds))}")
     elif len(seeds) > 1:

@@ -29,13 +29,14 @@ as a grid: a list of products of one value each, written by the sampler.
 from __future__ import annotations
 
 import ast
+import collections
+import contextlib
 import dataclasses
 import functools
 import itertools
 import json
 import math
 import re
-import statistics
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -45,6 +46,7 @@ from typing import Any
 import ml_collections
 
 from dae_jax import baselines, checkpointing, configs, grids, metrics, report, runfiles
+from dae_jax.configs import _is_number
 from dae_jax.errors import UserError
 
 SCORING = {  # the scoring stages a sweep may turn off
@@ -89,40 +91,15 @@ def coerce(key: str, value: Any, base: ml_collections.ConfigDict) -> Any:
     if isinstance(value, str) and not isinstance(default, str):
         text = value.strip()
         if isinstance(default, bool) and text.lower() in ("true", "false"):
-            return text.lower() == "true"
-        try:
+            text = text.capitalize()
+        with contextlib.suppress(ValueError, SyntaxError):
             value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            pass
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, tuple | list):
-        ok = isinstance(value, tuple | list)
-        value = tuple(value) if ok else value
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
+    if configs._type_problem(value, default):
         kind = type(default).__name__
         raise UserError(f"--axis={key}: {value!r} is not a {kind} like its default {default!r}")
-    return value
-
-
-def split_values(text: str) -> list[str]:
-    """``a,b,(1,2),c`` -> ``["a", "b", "(1,2)", "c"]``: commas inside brackets stay."""
-    out, depth, current = [], 0, ""
-    for char in text:
-        depth += (char in "([") - (char in ")]")
-        if char == "," and depth == 0:
-            out.append(current)
-            current = ""
-        else:
-            current += char
-    return [*out, current]
+    if isinstance(default, tuple | list):
+        return tuple(value)
+    return float(value) if isinstance(default, float) else value
 
 
 def parse_axis(text: str, base: ml_collections.ConfigDict) -> tuple[str, list[Any]]:
@@ -132,7 +109,8 @@ def parse_axis(text: str, base: ml_collections.ConfigDict) -> tuple[str, list[An
     if not sep or not key or not values.strip():
         raise UserError(f"--axis={text} is not KEY=V1,V2,...; e.g. --axis=noise.level=0.1,0.5")
     check_axis_key(key, base)
-    parsed = [coerce(key, v, base) for v in split_values(values)]
+    # commas inside brackets stay: a,(1,2),b is three values
+    parsed = [coerce(key, v, base) for v in re.split(r",(?![^()\[\]]*[)\]])", values)]
     if len(set(map(repr, parsed))) != len(parsed):
         raise UserError(f"--axis={text} repeats a value; give each value once")
     return key, parsed
@@ -199,9 +177,8 @@ def expand(
     axes = list(dict.fromkeys(key for product in prods for key in product))
     specs: dict[Spec, None] = {}
     for product in prods:
-        keys = list(product)
-        for combo in itertools.product(*(product[k] for k in keys)):
-            chosen = dict(zip(keys, combo, strict=True))
+        for combo in itertools.product(*product.values()):
+            chosen = dict(zip(product, combo, strict=True))
             values = tuple((a, chosen.get(a, configs.get_key(base, a))) for a in axes)
             for seed in seeds:
                 specs[Spec(values, int(seed))] = None
@@ -224,55 +201,36 @@ class Population:
         return configs.with_values(base, self.static)
 
 
-def _split(spec: Spec, base: ml_collections.ConfigDict) -> tuple[dict[str, Any], Any]:
-    """A spec's population overrides (non-traced values that differ from the base) and
-    its engine member (seed and every traced value)."""
-    from dae_jax.step import TRACED, Member
-
-    static = {k: v for k, v in spec.values if k not in TRACED and v != configs.get_key(base, k)}
-    return dict(sorted(static.items())), Member.of(spec.config(base))
-
-
-def _slug(static: dict[str, Any]) -> str:
-    text = "_".join(f"{k}={report.show(v)}" for k, v in static.items()) or "base"
-    return re.sub(r"[^A-Za-z0-9.=_,()+-]", "-", text)[:120]
-
-
 def plan(
     populations: list[Population], specs: list[Spec], base: ml_collections.ConfigDict
 ) -> tuple[dict[Spec, tuple[Population, int]], list[Population]]:
     """Where each spec trains (population, member index): in a population already
-    planned when one holds it, else in a new one per group of static overrides."""
-    where: dict[Spec, tuple[Population, int]] = {}
-    new: dict[str, Population] = {}
-    taken = {p.name for p in populations}
-    for spec in specs:
-        static, member = _split(spec, base)
-        found = next(
-            (
-                (p, p.members.index(member))
-                for p in populations
-                if p.static == static and member in p.members
-            ),
-            None,
-        )
-        if found is None:
-            key = json.dumps(_plain(static), sort_keys=True)
-            if key not in new:
-                from dae_jax.step import TRACED
+    planned when one holds it, else in a new one per group of static overrides (the
+    non-traced values that differ from the base)."""
+    from dae_jax.step import TRACED, Member
 
-                shown = {k: v for k, v in spec.values if k not in TRACED}
-                name, n = _slug(shown), 2
-                while name in taken:
-                    name, n = f"{_slug(shown)}-{n}", n + 1
-                taken.add(name)
-                new[key] = Population(name, static, [])
-            pop = new[key]
-            if member not in pop.members:
-                pop.members.append(member)
-            found = (pop, pop.members.index(member))
-        where[spec] = found
-    return where, list(new.values())
+    where: dict[Spec, tuple[Population, int]] = {}
+    new: list[Population] = []
+    taken = {p.name for p in populations}
+    default = configs.flat(base)
+    for spec in specs:
+        static = {k: v for k, v in sorted(spec.values) if k not in TRACED and v != default[k]}
+        member = Member.of(spec.config(base))
+        pop = next((p for p in populations if p.static == static and member in p.members), None)
+        pop = pop or next((p for p in new if p.static == static), None)
+        if pop is None:
+            shown = "_".join(f"{k}={report.show(v)}" for k, v in spec.values if k not in TRACED)
+            slug = re.sub(r"[^A-Za-z0-9.=_,()+-]", "-", shown or "base")[:120]
+            name, n = slug, 2
+            while name in taken:
+                name, n = f"{slug}-{n}", n + 1
+            taken.add(name)
+            pop = Population(name, static, [])
+            new.append(pop)
+        if member not in pop.members:
+            pop.members.append(member)
+        where[spec] = (pop, pop.members.index(member))
+    return where, new
 
 
 def _plain(value: Any) -> Any:
@@ -280,14 +238,11 @@ def _plain(value: Any) -> Any:
 
 
 def _base_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    record = checkpointing.plain(config)
+    record = _plain(config.to_dict())
     for key in SPEED_KEYS:
         *parents, leaf = key.split(".")
-        node = record
-        for part in parents:
-            node = node[part]
-        node.pop(leaf, None)
-    return _plain(record)
+        functools.reduce(dict.__getitem__, parents, record).pop(leaf, None)
+    return record
 
 
 def _manifest(workdir: Path, base: ml_collections.ConfigDict) -> list[Population]:
@@ -323,50 +278,29 @@ def _manifest(workdir: Path, base: ml_collections.ConfigDict) -> list[Population
 
 
 def _save_manifest(workdir: Path, base, populations: list[Population]) -> None:
-    runfiles.write_json(
-        workdir / "sweep.json",
-        {
-            "format": FORMAT,
-            "config": _base_record(base),
-            "populations": [
-                {
-                    "name": p.name,
-                    "static": _plain(p.static),
-                    "members": [m.record() for m in p.members],
-                }
-                for p in populations
-            ],
-        },
-    )
+    saved = [
+        {"name": p.name, "static": _plain(p.static), "members": [m.record() for m in p.members]}
+        for p in populations
+    ]
+    record = {"format": FORMAT, "config": _base_record(base), "populations": saved}
+    runfiles.write_json(workdir / "sweep.json", record)
 
 
 # ----------------------------------------------------------------------------- run
 
 
-class _Stages:
-    """Finished scoring as JSON under ``W/stages/``, written atomically; a stage maps
-    member indices (or "all") to rows, so a resumed or extended sweep computes only what
-    is missing."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-
-    def get(
-        self, name: str, wanted: Sequence[str], compute: Callable[[list[str]], dict[str, list]]
-    ) -> dict[str, list[dict[str, Any]]]:
-        path = self.directory / f"{name}.json"
-        done = runfiles.read_json(path)
-        done = done if isinstance(done, dict) else {}
-        missing = [w for w in wanted if w not in done]
-        if missing:
-            done.update(compute(missing))
-            runfiles.write_json(path, done)
-        return {w: [_numbers_back(r) for r in done[w]] for w in wanted}
-
-    def rows(self, name: str, compute: Callable[[], list[dict[str, Any]]]) -> list[dict]:
-        """A stage of one list of rows."""
-        return self.get(name, ["all"], lambda _: {"all": compute()})["all"]
+def _stage(directory: Path, name: str, wanted: Sequence[str], compute: Callable) -> dict:
+    """Finished scoring, kept in ``W/stages/<name>.json`` (written atomically): member
+    indices (or "all") -> rows. Only the missing ones are computed (``compute(missing)``),
+    so a resumed or extended sweep scores only what it has not scored before."""
+    path = directory / f"{name}.json"
+    done = runfiles.read_json(path)
+    done = done if isinstance(done, dict) else {}
+    missing = [w for w in wanted if w not in done]
+    if missing:
+        done.update(compute(missing))
+        runfiles.write_json(path, done)
+    return {w: [_numbers_back(r) for r in done[w]] for w in wanted}
 
 
 def _numbers_back(row: dict[str, Any]) -> dict[str, Any]:
@@ -432,13 +366,16 @@ def run(
     with runfiles.WorkdirLock(workdir):
         populations = _manifest(workdir, config)
         where, new = plan(populations, specs, config)
-        trained = sum(len(p.members) for p in populations)
         if new:
+            count, before = (
+                sum(len(p.members) for p in new),
+                sum(len(p.members) for p in populations),
+            )
             log(
-                f"{experiment}: {len(specs)} models; {sum(len(p.members) for p in new)} to train "
-                f"in {len(new)} new population(s) (one compiled program each)"
-                + (f", the other {len(specs) - sum(len(p.members) for p in new)} are in "
-                   f"the {trained} trained before" if populations else "")
+                f"{experiment}: {len(specs)} models; {count} to train in {len(new)} new "
+                "population(s) (one compiled program each)"
+                + (f", the other {len(specs) - count} are in the {before} trained before"
+                   if populations else "")
             )  # fmt: skip
             populations += new
             _save_manifest(workdir, config, populations)
@@ -451,70 +388,60 @@ def _run(experiment, config, axes, specs, where, workdir, score, plot, log, comm
     import jax
     import jax.numpy as jnp
 
-    from dae_jax import data, engine, step
+    from dae_jax import corruption, data, engine, step
 
     started = time.perf_counter()
-    stages = _Stages(workdir / "stages")
+    stages = workdir / "stages"
+    stages.mkdir(exist_ok=True)
     dataset = data.load(config.data, seed=config.seed)
     config = engine.with_image_shape(config, dataset)
     log(f"{experiment}: {dataset.name} from {dataset.source}, {len(dataset.train_images)} train")
     clean = step.to_float(jnp.asarray(step.test_images(dataset, config)))
     own = {spec: Condition.of(spec.config(config)) for spec in specs}
-    tested = {spec: [own[spec]] for spec in specs}
-    if score["matrix"]:
-        for spec in specs:
-            tested[spec] = sorted(
-                {c for c in own.values() if (c.kind, c.clip) == (own[spec].kind, own[spec].clip)},
-                key=lambda c: c.level,
-            )
     conditions = sorted(set(own.values()), key=lambda c: (c.kind, c.level, c.clip))
-    eval_key = jax.random.key(config.seed + 10_000)  # each condition's noise, by its name
-    noisy = {
-        c: _corrupt(c, clean, jax.random.fold_in(eval_key, zlib.crc32(c.name.encode())))
-        for c in conditions
-    }
+    eval_key = jax.random.key(config.seed + 10_000)
+    noisy: dict[Condition, Any] = {}
+    for c in conditions:  # each condition's noise, by its name
+        key = jax.random.fold_in(eval_key, zlib.crc32(c.name.encode()))
+        noisy[c] = corruption.corrupt(c.kind, key, clean, jnp.float32(c.level), clip=c.clip)[0]
+
+    def tested(spec: Spec, c: Condition) -> bool:  # its own; --matrix: each level of its kind
+        mine = own[spec]
+        return (c.kind, c.clip) == (mine.kind, mine.clip) and (score["matrix"] or c == mine)
+
     rows = [r for c in conditions for r in _references(stages, c, noisy[c], clean, score, log)]
     if score["probe"]:
-        rows += stages.rows("probe-pixels", lambda: _pixel_probe(dataset, log))
+        pixels = functools.partial(_pixel_probe, dataset, log)
+        rows += _stage(stages, "probe-pixels", ["all"], pixels)["all"]
     subsets = {
         r["test_level"]: r["images"] for r in rows if r["model"] == "bm3d" and r["metric"] == "psnr"
     }
     examples: dict[str, Any] = {}
     for population in dict.fromkeys(p for p, _ in where.values()):
-        members = {spec: k for spec, (p, k) in where.items() if p is population}
-        labels = {k: {**dict(spec.values), "seed": spec.seed} for spec, k in members.items()}
+        members = {k: spec for spec, (p, k) in where.items() if p is population}
+        labels = {k: {**dict(spec.values), "seed": spec.seed} for k, spec in members.items()}
         result = engine.run(
             population.config(config), workdir / "models" / population.name,
             population.members, dataset=dataset, log=log, figures=False, freeze_diverged=True,
             hparams=[labels.get(k, m.record()) for k, m in enumerate(population.members)],
         )  # fmt: skip
-        for spec, k in members.items():
+        for k, spec in members.items():
             rows += _train_rows(spec, result, k)
-        scored = functools.cache(result.model)  # each member merged once
+        model = functools.cache(result.model)  # each member merged once
         for c in conditions:
-            at = {str(k): spec for spec, k in members.items() if c in tested[spec]}
-            if at:
-                rows += _label(
-                    stages.get(
-                        f"scores-{population.name}-{c.name}", sorted(at, key=int),
-                        functools.partial(_scores_of, scored, noisy[c], clean, c, subsets),
-                    ),
-                    at,
-                )  # fmt: skip
-        if score["probe"]:
-            at = {str(k): spec for spec, k in members.items()}
-            rows += _label(
-                stages.get(
-                    f"probe-{population.name}", sorted(at, key=int),
-                    functools.partial(_probes_of, scored, dataset, clean),
-                ),
-                at,
+            rows += _members(
+                stages, f"scores-{population.name}-{c.name}", model,
+                {k: spec for k, spec in members.items() if tested(spec, c)},
+                functools.partial(_scores_at, noisy[c], clean, c, subsets),
             )  # fmt: skip
-        for spec, k in members.items():
+        if score["probe"]:
+            probe = functools.partial(_probe, dataset, clean)
+            rows += _members(stages, f"probe-{population.name}", model, members, probe)
+        for k, spec in members.items():
             if spec.seed == specs[0].seed and len(examples) < 8:
-                examples[spec.label] = (noisy[own[spec]][:6], scored(k)(noisy[own[spec]][:6]))
+                examples[spec.label] = (noisy[own[spec]][:6], model(k)(noisy[own[spec]][:6]))
         log(f"{population.name}: trained and scored {len(members)} models")
-    results = _order(rows, specs, axes)
+    results = _order(rows, specs)
     at = {spec.values: own[spec].columns() for spec in specs}
     write(workdir, experiment, config, axes, specs, at, results, score, plot, command, started)
     if examples:
@@ -524,31 +451,30 @@ def _run(experiment, config, axes, specs, where, workdir, score, plot, log, comm
     return results
 
 
-def _corrupt(condition: Condition, clean: Any, key: Any) -> Any:
-    import jax.numpy as jnp
-
-    from dae_jax import corruption
-
-    level = jnp.float32(condition.level)
-    return corruption.corrupt(condition.kind, key, clean, level, clip=condition.clip)[0]
+def _members(
+    stages: Path, name: str, model: Callable, at: dict[int, Spec], score: Callable
+) -> list[dict[str, Any]]:
+    """A stage of members' rows (``score(model(k))`` for member k), with their identity."""
+    wanted = [str(k) for k in sorted(at)]
+    got = _stage(stages, name, wanted, lambda todo: {k: score(model(int(k))) for k in todo})
+    return [{**_identity(at[int(k)]), **row} for k, rows in got.items() for row in rows]
 
 
 def _references(stages, condition, noisy, clean, score, log) -> list[dict[str, Any]]:
     """The noisy input and the classical denoisers tuned at this condition (BM3D too
     for Gaussian noise with ``score["bm3d"]``, when the bm3d package is installed)."""
-    from dae_jax import baselines
+    at = condition.columns()
 
     def compute(_: list[str]) -> dict[str, list]:
-        at = condition.columns()
         rows = [
             {"model": "noisy input", **at, "metric": m, "value": v}
             for m, v in metrics.scores(noisy, clean).items()
         ]
-        kind = condition.kind if score["bm3d"] else ""
         try:
             best = baselines.best_classical(
-                noisy, clean, noise=kind, level=condition.level, clipped=condition.clip,
-                bm3d_images=bm3d_images(len(noisy)),
+                noisy, clean, noise=condition.kind if score["bm3d"] else "",
+                level=condition.level, clipped=condition.clip,
+                bm3d_images=min(baselines.BM3D_IMAGES, len(noisy) // 16),  # 500 of 10,000
             )  # fmt: skip
         except UserError as e:
             log(f"warning: no BM3D reference: {e}")
@@ -559,43 +485,26 @@ def _references(stages, condition, noisy, clean, score, log) -> list[dict[str, A
                 f"images (parameter {found['parameter']:g}), {found['seconds']:.1f} s"
             )
             extra = {"images": found["images"]} if name == "bm3d" else {}
-            rows += [
-                {
-                    "model": name,
-                    **at,
-                    "metric": m,
-                    "value": found[m],
-                    "parameter": found["parameter"],
-                    **extra,
-                }
-                for m in metrics.IMAGE
-            ]
+            for m in metrics.IMAGE:
+                row = {"model": name, **at, "metric": m, "value": found[m]}
+                rows.append({**row, "parameter": found["parameter"], **extra})
         return {"all": rows}
 
-    suffix = (
-        "-bm3d" if score["bm3d"] and condition.kind == "gaussian" and condition.level > 0 else ""
-    )
-    return stages.rows(f"references-{condition.name}{suffix}", lambda: compute([])["all"])
+    bm3d = score["bm3d"] and condition.kind == "gaussian" and condition.level > 0
+    name = f"references-{condition.name}" + ("-bm3d" if bm3d else "")
+    return _stage(stages, name, ["all"], compute)["all"]
 
 
-def bm3d_images(count: int) -> int:
-    """BM3D's share of a test set: 500 of 10,000 images, a sixteenth of a small one."""
-    from dae_jax import baselines
-
-    return min(baselines.BM3D_IMAGES, count // 16)
-
-
-def _pixel_probe(dataset: Any, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    from dae_jax import baselines
-
+def _pixel_probe(dataset: Any, log: Callable[[str], None], _: list[str]) -> dict[str, list]:
     pixels = baselines.linear_probe(
         dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels
     )
-    log(f"linear probe on raw pixels: test accuracy {pixels['test_accuracy']:.4f}")
-    return [{"model": "raw pixels", "metric": "probe_accuracy", "value": pixels["test_accuracy"]}]
+    accuracy = pixels["test_accuracy"]
+    log(f"linear probe on raw pixels: test accuracy {accuracy:.4f}")
+    return {"all": [{"model": "raw pixels", "metric": "probe_accuracy", "value": accuracy}]}
 
 
-def _scores_at(model, noisy, clean, condition: Condition, subsets) -> list[dict[str, Any]]:
+def _scores_at(noisy, clean, condition: Condition, subsets, model) -> list[dict[str, Any]]:
     """A model's scores at one condition; where BM3D was scored on the first N images
     only, ``*_subset`` scores on the same N."""
     denoised = model(noisy)
@@ -610,38 +519,23 @@ def _scores_at(model, noisy, clean, condition: Condition, subsets) -> list[dict[
     return rows
 
 
-def _scores_of(model, noisy, clean, condition, subsets, members: list[str]) -> dict[str, list]:
-    return {k: _scores_at(model(int(k)), noisy, clean, condition, subsets) for k in members}
-
-
-def _probes_of(model, dataset, clean, members: list[str]) -> dict[str, list]:
-    return {k: _probe(model(int(k)), dataset, clean) for k in members}
-
-
-def _probe(model, dataset, clean_test) -> list[dict[str, Any]]:
+def _probe(dataset, clean_test, model) -> list[dict[str, Any]]:
     import jax.numpy as jnp
 
-    from dae_jax import baselines, step
+    from dae_jax import step
 
     clean_train = step.to_float(jnp.asarray(dataset.train_images))
     if clean_train.shape[1:] != clean_test.shape[1:]:  # patches: codes of the centres
         return []
     probe = baselines.linear_probe(
-        model.encode(clean_train),
-        dataset.train_labels,
-        model.encode(clean_test),
+        model.encode(clean_train), dataset.train_labels, model.encode(clean_test),
         dataset.test_labels,
-    )
+    )  # fmt: skip
     return [{"metric": "probe_accuracy", "value": probe["test_accuracy"]}]
 
 
 def _identity(spec: Spec) -> dict[str, Any]:
     return {"model": spec.label, **dict(spec.values), "seed": spec.seed}
-
-
-def _label(got: dict[str, list[dict[str, Any]]], at: dict[str, Spec]) -> list[dict]:
-    """A stage's rows, each with its member's identity columns."""
-    return [{**_identity(at[k]), **row} for k, rows in got.items() for row in rows]
 
 
 def _train_rows(spec: Spec, result: Any, k: int) -> list[dict[str, Any]]:
@@ -653,29 +547,19 @@ def _train_rows(spec: Spec, result: Any, k: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _order(rows: list[dict[str, Any]], specs: list[Spec], axes: list[str]) -> list[dict[str, Any]]:
-    """References first, then each spec's rows in spec order: the same order however the
-    sweep was interrupted, resumed or extended."""
-    position = {spec.label + f"|{spec.seed}": i for i, spec in enumerate(specs)}
-    refs = [r for r in rows if "seed" not in r]
-    members = [r for r in rows if "seed" in r]
-    members.sort(key=lambda r: position[r["model"] + f"|{r['seed']}"])  # stable: metric order kept
-    return refs + members
+def _order(rows: list[dict[str, Any]], specs: list[Spec]) -> list[dict[str, Any]]:
+    """References first, then each spec's rows in spec order (each its own rows' order):
+    the same order however the sweep was interrupted, resumed or extended."""
+    position = {(spec.label, spec.seed): i for i, spec in enumerate(specs)}
+    members = sorted(
+        (r for r in rows if "seed" in r), key=lambda r: position[r["model"], r["seed"]]
+    )
+    return [r for r in rows if "seed" not in r] + members
 
 
 # ------------------------------------------------------------------------ outputs
 
-FIELDS = (
-    "model",
-    "seed",
-    "test_kind",
-    "test_level",
-    "test_clip",
-    "metric",
-    "value",
-    "parameter",
-    "images",
-)
+FIELDS = "model seed test_kind test_level test_clip metric value parameter images".split()
 
 
 def summary(
@@ -684,68 +568,51 @@ def summary(
     """One line per combination of axis values: mean and std over its seeds of the
     reconstruction's PSNR and SSIM at its own corruption, the gain over the best
     classical reference there, the probe accuracy; models that diverged are left out."""
-    combos: dict[tuple, list[Spec]] = {}
-    for spec in specs:
-        combos.setdefault(spec.values, []).append(spec)
-    lines = []
-    for values, seeds in combos.items():
-        label, at = seeds[0].label, own[values]
-        diverged = {
-            r["seed"] for r in rows if r["model"] == label and r["metric"] == "diverged_in_epoch"
-        }
-        of_models = functools.partial(_pick, rows, diverged, model=label)
-        reference = functools.partial(_first, rows, at)
-        psnr = of_models(metric="psnr", **at)
-        classical = max((reference(name) for name in baselines.CLASSICAL), default=math.nan)
-        lines.append(
-            {
-                "values": dict(values),
-                "label": label,
-                "psnr": report.mean_std(psnr),
-                "ssim": report.mean_std(of_models(metric="ssim", **at)),
-                "noisy_psnr": reference("noisy input"),
-                "best_classical_psnr": classical,
-                "gain_db": (statistics.fmean(psnr) if psnr else math.nan) - classical,
-                "probe": report.mean_std(of_models(metric="probe_accuracy")),
-                "diverged": len(diverged),
-                "seeds": len(seeds),
-                "bm3d_psnr": reference("bm3d"),
-                "psnr_subset": report.mean_std(of_models(metric="psnr_subset", **at)),
-                "subset_images": next(
-                    (r.get("images", 0) for r in rows if r["model"] == "bm3d"
-                     and all(r.get(k) == v for k, v in at.items())), 0,
-                ),
-            }
-        )  # fmt: skip
-    return lines
+    seeds = collections.Counter(spec.values for spec in specs)
+    return [_line(rows, values, count, own[values]) for values, count in seeds.items()]
 
 
-def _pick(rows: list[dict[str, Any]], leave_out: set, **want: Any) -> list[float]:
-    """The values of the rows that match ``want``, less those of the seeds left out."""
-    return [
-        r["value"]
-        for r in rows
-        if r.get("seed") not in leave_out and all(r.get(k) == v for k, v in want.items())
-    ]
+def _line(rows: list[dict], values: tuple, seeds: int, at: dict[str, Any]) -> dict[str, Any]:
+    label = Spec(values, 0).label
+    diverged = {
+        r["seed"] for r in rows if r["model"] == label and r["metric"] == "diverged_in_epoch"
+    }
+
+    def found(model: str, metric: str, **where: Any) -> list[dict[str, Any]]:
+        want = {"model": model, "metric": metric, **where}  # a subset of the row's items
+        return [r for r in rows if r.get("seed") not in diverged and want.items() <= r.items()]
+
+    def score(metric: str, **where: Any) -> tuple[float, float]:  # mean and std over seeds
+        return report.mean_std([r["value"] for r in found(label, metric, **where)])
+
+    def reference(name: str) -> float:  # its PSNR at this test condition (NaN if none)
+        return next((r["value"] for r in found(name, "psnr", **at)), math.nan)
+
+    psnr = score("psnr", **at)
+    classical = max((reference(name) for name in baselines.CLASSICAL), default=math.nan)
+    return {
+        "values": dict(values),
+        "label": label,
+        "psnr": psnr,
+        "ssim": score("ssim", **at),
+        "noisy_psnr": reference("noisy input"),
+        "best_classical_psnr": classical,
+        "gain_db": psnr[0] - classical,
+        "probe": score("probe_accuracy"),
+        "diverged": len(diverged),
+        "seeds": seeds,
+        "bm3d_psnr": reference("bm3d"),
+        "psnr_subset": score("psnr_subset", **at),
+        "subset_images": next((r.get("images", 0) for r in found("bm3d", "psnr", **at)), 0),
+    }
 
 
-def _first(rows: list[dict[str, Any]], at: dict[str, Any], model: str) -> float:
-    """A reference's PSNR at a test condition (NaN when it has none there)."""
-    return (_pick(rows, set(), model=model, metric="psnr", **at) or [math.nan])[0]
-
-
-def _number(value: float, digits: int) -> str:
-    if math.isfinite(value):
-        return f"{value:.{digits}f}"
-    return "∞" if value > 0 else "—"
-
-
-def _cell(value: Any, digits: int, best: float | None = None) -> str:
-    mean, std = value if isinstance(value, tuple) else (value, None)
-    text = _number(mean, digits) + (
-        f" ± {std:.{digits}f}" if std is not None and math.isfinite(std) else ""
-    )
-    return f"**{text}**" if best is not None and mean == best else text
+def _cell(value: float | tuple[float, float], digits: int, best: float | None = None) -> str:
+    """A number or (mean, std) as the tables show it (∞, or — for none); bold if the best."""
+    mean, std = value if isinstance(value, tuple) else (value, math.nan)
+    text = f"{mean:.{digits}f}" if math.isfinite(mean) else ("∞" if mean > 0 else "—")
+    text += f" ± {std:.{digits}f}" if math.isfinite(std) else ""
+    return f"**{text}**" if mean == best else text
 
 
 def markdown(lines: list[dict[str, Any]], axes: list[str], rows: list[dict], score: dict) -> str:
@@ -754,34 +621,28 @@ def markdown(lines: list[dict[str, Any]], axes: list[str], rows: list[dict], sco
 
     def best(key: str) -> float | None:
         means = [ln[key][0] if isinstance(ln[key], tuple) else ln[key] for ln in lines]
-        finite = [m for m in means if math.isfinite(m)]
-        return max(finite) if finite else None
+        return max((m for m in means if math.isfinite(m)), default=None)
 
     probe = score.get("probe", True)
     head = [*axes, "noisy PSNR", "best classical PSNR", "DAE PSNR", "gain (dB)", "DAE SSIM"]
     head += ["linear probe acc."] if probe else []
     out = [
-        "| " + " | ".join(head or ["model"]) + " |",
+        "| " + " | ".join(head) + " |",
         "|" + " --- |" * len(axes) + " ---: |" * (len(head) - len(axes)),
     ]
     for line in lines:
         cells = [report.show(line["values"][a]) for a in axes]
-        if line["diverged"]:
-            cells[-1 if cells else 0 :] = [
-                (cells[-1] if cells else "")
-                + f" ({line['diverged']} of {line['seeds']} diverged, left out)"
-            ]
-        cells += [
-            _number(line["noisy_psnr"], 2), _number(line["best_classical_psnr"], 2),
-            _cell(line["psnr"], 2, best("psnr")), _cell(line["gain_db"], 2, best("gain_db")),
-            _cell(line["ssim"], 3, best("ssim")),
-        ] + ([_cell(line["probe"], 4, best("probe"))] if probe else [])  # fmt: skip
+        if line["diverged"]:  # said in the last axis' cell (in a cell of its own with no axes)
+            note = f" ({line['diverged']} of {line['seeds']} diverged, left out)"
+            cells[-1:] = ["".join(cells[-1:]) + note]
+        cells += [_cell(line["noisy_psnr"], 2), _cell(line["best_classical_psnr"], 2)]
+        columns = [("psnr", 2), ("gain_db", 2), ("ssim", 3)] + ([("probe", 4)] if probe else [])
+        cells += [_cell(line[key], digits, best(key)) for key, digits in columns]
         out.append("| " + " | ".join(cells) + " |")
     if len(axes) >= 2:
-        out += ["", f"DAE PSNR (dB), mean ± std over seeds, by {axes[0]}:", ""] + _pivot(
-            lines, axes
-        )
-    out += _bm3d_table(lines, axes)
+        out += ["", f"DAE PSNR (dB), mean ± std over seeds, by {axes[0]}:", ""]
+        out += _pivot(lines, axes)
+    out += _bm3d_table(lines)
     pixels = [r["value"] for r in rows if r["model"] == "raw pixels"]
     if pixels:
         out += ["", f"Linear probe on raw pixels: {pixels[0]:.4f}."]
@@ -794,40 +655,37 @@ def markdown(lines: list[dict[str, Any]], axes: list[str], rows: list[dict], sco
 
 
 def _pivot(lines: list[dict[str, Any]], axes: list[str]) -> list[str]:
-    columns = list(dict.fromkeys(report.show(ln["values"][axes[0]]) for ln in lines))
-    rest = axes[1:]
+    first, rest = axes[0], axes[1:]
     table: dict[str, dict[str, str]] = {}
     for line in lines:
         name = ", ".join(f"{a}={report.show(line['values'][a])}" for a in rest)
-        table.setdefault(name, {})[report.show(line["values"][axes[0]])] = _cell(line["psnr"], 2)
-    out = [f"| {', '.join(rest)} | " + " | ".join(f"{axes[0]}={c}" for c in columns) + " |"]
+        table.setdefault(name, {})[report.show(line["values"][first])] = _cell(line["psnr"], 2)
+    columns = list(dict.fromkeys(report.show(ln["values"][first]) for ln in lines))
+    out = [f"| {', '.join(rest)} | " + " | ".join(f"{first}={c}" for c in columns) + " |"]
     out.append("| --- |" + " ---: |" * len(columns))
     for name, cells in table.items():
         out.append(f"| {name} | " + " | ".join(cells.get(c, "—") for c in columns) + " |")
     return out
 
 
-def _bm3d_table(lines: list[dict[str, Any]], axes: list[str]) -> list[str]:
+def _bm3d_table(lines: list[dict[str, Any]]) -> list[str]:
     """BM3D beside the DAE on the same images (BM3D's subset of the test set)."""
     compared = [ln for ln in lines if ln["subset_images"] and math.isfinite(ln["bm3d_psnr"])]
     if not compared:
         return []
-    counts = sorted({ln["subset_images"] for ln in compared})
+    counts = ", ".join(map(str, sorted({ln["subset_images"] for ln in compared})))
     out = [
         "",
-        f"BM3D (tuned per level like the others) against the DAE on the first "
-        f"{', '.join(map(str, counts))} test images, the same noisy images for both:",
+        f"BM3D (tuned per level like the others) against the DAE on the first {counts} test "
+        "images, the same noisy images for both:",
         "",
         "| model | BM3D PSNR | DAE PSNR | DAE - BM3D (dB) |",
         "| --- | ---: | ---: | ---: |",
     ]
-    for line in compared:
-        mean, _ = line["psnr_subset"]
-        out.append(
-            f"| {line['label']} | {_number(line['bm3d_psnr'], 2)} | "
-            f"{_cell(line['psnr_subset'], 2)} | "
-            f"{_number(mean - line['bm3d_psnr'], 2)} |"
-        )
+    for ln in compared:
+        bm3d, dae = ln["bm3d_psnr"], ln["psnr_subset"]
+        cells = [ln["label"], _cell(bm3d, 2), _cell(dae, 2), _cell(dae[0] - bm3d, 2)]
+        out.append("| " + " | ".join(cells) + " |")
     return out
 
 
@@ -851,34 +709,16 @@ def plot_axes(
 ) -> tuple[str, list[str]]:
     """The figures' x axis and hue axes: ``x:KEY,hue:KEY`` or, by default, noise.level
     (else the first numeric axis) on x and the other axes as hues."""
-    chosen = dict(part.split(":", 1) for part in plot.split(",") if ":" in part) if plot else {}
-    bad = [
-        p for p in plot.split(",") if p and (":" not in p or p.split(":")[0] not in ("x", "hue"))
-    ]
-    unknown = [v for v in chosen.values() if v not in axes]
-    if bad or unknown:
+    chosen = dict(part.partition(":")[::2] for part in plot.split(",") if part)
+    if any(key not in ("x", "hue") or value not in axes for key, value in chosen.items()):
         raise UserError(
             f"--plot={plot}: give x:KEY[,hue:KEY] with keys among the axes "
             f"({', '.join(axes) or 'none'})"
         )
-    x = chosen.get("x")
-    if x is None:
-        numeric = [
-            a
-            for a in axes
-            if lines
-            and all(
-                isinstance(ln["values"][a], int | float) and not isinstance(ln["values"][a], bool)
-                for ln in lines
-            )
-        ]
-        x = (
-            "noise.level"
-            if "noise.level" in axes
-            else (numeric[0] if numeric else (axes[0] if axes else ""))
-        )
-    hue = [chosen["hue"]] if "hue" in chosen else [a for a in axes if a != x]
-    return x, hue
+    numeric = [a for a in axes if lines and all(_is_number(ln["values"][a]) for ln in lines)]
+    preferred = [a for a in axes if a == "noise.level"] + numeric + axes
+    x = chosen.get("x", preferred[0] if preferred else "")
+    return x, [chosen["hue"]] if "hue" in chosen else [a for a in axes if a != x]
 
 
 def figures(directory: Path, rows, lines, axes, score, plot) -> None:
@@ -893,32 +733,6 @@ def figures(directory: Path, rows, lines, axes, score, plot) -> None:
         plots.sweep_probe(directory / "probe.png", rows, lines, x, hue)
     if score.get("matrix", True) and "noise.level" in axes:
         plots.sweep_matrix(directory / "train_vs_test_level.png", rows, lines, hue)
-
-
-def render(workdir: str | Path) -> None:
-    """Rewrites ``results.md`` and the figures from ``results.json``, without retraining."""
-    workdir = Path(workdir)
-    results = json.loads((workdir / "results.json").read_text())
-    if "axes" not in results:
-        raise UserError(f"{workdir}/results.json was written by an older dae_jax sweep; rerun it")
-    rows = [_numbers_back(r) for r in results["rows"]]
-    specs, own = [], {}
-    for m in results["members"]:
-        specs.append(
-            Spec(
-                tuple(
-                    (a, (tuple(v) if isinstance(v := m["values"][a], list) else v))
-                    for a in results["axes"]
-                ),
-                m["seed"],
-            )
-        )
-        own[specs[-1].values] = m["test"]
-    header = (workdir / "results.md").read_text().split("\n\n|")[0]
-    lines = summary(rows, specs, own)
-    body = markdown(lines, results["axes"], rows, results["score"])
-    (workdir / "results.md").write_text(header + "\n\n" + body)
-    figures(workdir / "figures", rows, lines, results["axes"], results["score"], results["plot"])
 
 
 # ------------------------------------------------------------------- command line
@@ -957,19 +771,15 @@ def _define(values: Any) -> None:
     flags.DEFINE_multi_string("axis", [], "KEY=V1,V2,...: an axis (repeatable).", **kw)
     flags.DEFINE_list("levels", [], "Shorthand for --axis=noise.level=...", **kw)
     flags.DEFINE_list("learning_rates", [], "Shorthand for --axis=optim.learning_rate=...", **kw)
-    for name in SCORING:
-        flags.DEFINE_bool(
-            name, None, f"Score {SCORING[name]} (default: the grid's, else on).", **kw
-        )
+    for name, what in SCORING.items():
+        flags.DEFINE_bool(name, None, f"Score {what} (default: the grid's, else on).", **kw)
     flags.DEFINE_string("plot", "", "The figures' axes: x:KEY[,hue:KEY].", **kw)
 
 
 def command(argv: list[str], g: Any) -> int:
     grid_name = next((a.split("=", 1)[1] for a in argv if a.startswith("--grid=")), "")
-    doc = "\n\n".join(__doc__.split("\n\n")[:2])
-    doc += "\n\ngrids (--grid=NAME):\n" + "\n".join(
-        f"  {n}: {grid.get('doc', '')}" for n, grid in grids.GRIDS.items()
-    )
+    doc = "\n\n".join(__doc__.split("\n\n")[:2]) + "\n\ngrids (--grid=NAME):\n"
+    doc += "\n".join(f"  {n}: {grid.get('doc', '')}" for n, grid in grids.GRIDS.items())
     if grid_name in grids.GRIDS:
         doc = f"{grid_name}: {grids.GRIDS[grid_name].get('doc', '')}\n\n{doc}"
     parsed = report.parse(argv, g, doc=doc, quick=_quick, define=_define, repeatable=("axis",))
@@ -998,32 +808,25 @@ def command(argv: list[str], g: Any) -> int:
         configs.set_key(config, key, coerce(key, value, config))
     prods = products(grid, axes, config)
     for key in given:
-        if key == "seed" or any(key in p for p in prods):
+        if key == "seed":
+            raise UserError("--config.seed does not apply here: the seeds are --seeds=0,1,2")
+        if any(key in product for product in prods):
             raise UserError(
-                f"--config.{key} does not apply here: "
-                + (
-                    "the seeds are --seeds=0,1,2"
-                    if key == "seed"
-                    else f"{key} is an axis of this sweep; give its values with --axis={key}=V1,V2"
-                )  # fmt: skip
+                f"--config.{key} does not apply here: {key} is an axis of this sweep; give its "
+                f"values with --axis={key}=V1,V2"
             )
-    if values.quick:
+    if values.quick:  # the grid's numeric axes: 2 values each
         for product in prods:
             for key, vals in product.items():
-                numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals)
-                if key not in axes and numeric and len(vals) > 2:
+                if key not in axes and len(vals) > 2 and all(map(_is_number, vals)):
                     product[key] = vals[:2]
                     print(
                         f"--quick kept {key}={','.join(map(report.show, vals[:2]))} of the grid's"
                     )
     plot = values.plot or grid.get("plot", "")
     plot_axes(plot, expand(prods, parsed.seeds, config)[0])
-    score = {
-        stage: values[stage].value
-        if values[stage].value is not None
-        else grid.get("score", {}).get(stage, True)
-        for stage in SCORING
-    }
+    chosen = {stage: values[stage].value for stage in SCORING}
+    score = {s: grid.get("score", {}).get(s, True) if v is None else v for s, v in chosen.items()}
     report.start(g, parsed)
     g.stage = "running the sweep"
     command_line = parsed.command  # as typed: a script's own --grid is not shown

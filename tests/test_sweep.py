@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import dae_jax
-from dae_jax import step, sweep, train
+from dae_jax import step, train
 from dae_jax.errors import UserError
 from tests.conftest import REPO, TINY_FLAGS, cli_here, tiny_config
 
@@ -106,9 +106,9 @@ def test_the_same_command_again_trains_nothing_and_writes_the_same_results(targe
     assert "all 8 models are planned already" in again.stdout
     assert "First training step" not in again.stdout
     assert (copy / "results.csv").read_text() == (workdir / "results.csv").read_text()
-    before = (copy / "results.md").read_text()
-    sweep.render(copy)  # the tables and figures again from results.json alone
-    assert (copy / "results.md").read_text() == before
+    # results.md rewritten from the cached stages: the same tables (the header says the time)
+    tables = [(w / "results.md").read_text().split("\n\n|", 1)[1] for w in (copy, workdir)]
+    assert tables[0] == tables[1]
 
 
 @pytest.mark.slow
