@@ -106,9 +106,7 @@ class MlpDae(_Dae):
         dtype: jnp.dtype | None = None,
         rngs: nnx.Rngs,
     ):
-        self.image_shape = tuple(image_shape)
-        self.tied_weights = tied_weights
-        self.dtype = dtype
+        self.image_shape, self.tied_weights, self.dtype = tuple(image_shape), tied_weights, dtype
         widths = (math.prod(self.image_shape), *hidden)
         linear = functools.partial(nnx.Linear, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.encoder = nnx.List(
@@ -216,18 +214,8 @@ class ConvDae(_Dae):
         dtype: jnp.dtype | None = None,
         rngs: nnx.Rngs,
     ):
-        self.image_shape = tuple(image_shape)
-        self.skip = skip
-        self.fast_convs = fast_convs
-        conv = functools.partial(
-            nnx.Conv,
-            conv_general_dilated=(
-                conv_general_dilated if fast_convs else jax.lax.conv_general_dilated
-            ),
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            rngs=rngs,
-        )
+        self.image_shape, self.skip, self.fast_convs = tuple(image_shape), skip, fast_convs
+        conv = _conv_layer(fast_convs, dtype, rngs)
         channels = tuple(channels)
         self.scale = 2 ** (len(channels) - 1)
         self.code_shape = (
@@ -317,6 +305,15 @@ class ConvDae(_Dae):
         return logits[:, : jnp.shape(x)[1], : jnp.shape(x)[2]]
 
 
+def _conv_layer(fast_convs: bool, dtype: jnp.dtype | None, rngs: nnx.Rngs) -> Callable:
+    """``nnx.Conv`` with float32 parameters computing in ``dtype``: through
+    :mod:`dae_jax.fast_conv` with ``fast_convs``, else as flax writes it."""
+    convolve = conv_general_dilated if fast_convs else jax.lax.conv_general_dilated
+    return functools.partial(
+        nnx.Conv, conv_general_dilated=convolve, dtype=dtype, param_dtype=jnp.float32, rngs=rngs
+    )
+
+
 class DnCnn(_Dae):
     """DnCNN (Zhang et al. 2017): ``depth`` 3x3 convolutions of ``features`` maps with
     ReLU between them predict the noise, which is subtracted from the input (residual
@@ -342,16 +339,7 @@ class DnCnn(_Dae):
         rngs: nnx.Rngs,
     ):
         self.image_shape = tuple(image_shape)
-        conv = functools.partial(
-            nnx.Conv,
-            kernel_size=(3, 3),
-            conv_general_dilated=(
-                conv_general_dilated if fast_convs else jax.lax.conv_general_dilated
-            ),
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            rngs=rngs,
-        )
+        conv = functools.partial(_conv_layer(fast_convs, dtype, rngs), kernel_size=(3, 3))
         c_in = self.image_shape[-1]
         widths = (c_in, *([features] * (depth - 1)), c_in)
         self.layers = nnx.List([conv(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)])

@@ -1,10 +1,10 @@
-"""Gaussian vs masking vs salt-and-pepper corruption, each over its own levels.
+"""Gaussian vs masking vs salt-and-pepper corruption, each over its levels.
 
-A thin main: the script is ``dae_jax/experiments/corruption_types.py`` (from an installed package:
+The same as ``dae-jax sweep --grid=corruption_types`` (from an installed package:
 ``python -m dae_jax.experiments.corruption_types``); ``--help`` shows its flags.
 """
 
-from dae_jax.experiments.corruption_types import main
+from dae_jax import sweep
 
 if __name__ == "__main__":
-    main()
+    sweep.script("corruption_types")

@@ -1,10 +1,10 @@
-"""MSE vs binary cross-entropy across the Gaussian noise sweep.
+"""MSE vs binary cross-entropy across Gaussian noise levels.
 
-A thin main: the script is ``dae_jax/experiments/loss_comparison.py`` (from an installed package:
+The same as ``dae-jax sweep --grid=loss_comparison`` (from an installed package:
 ``python -m dae_jax.experiments.loss_comparison``); ``--help`` shows its flags.
 """
 
-from dae_jax.experiments.loss_comparison import main
+from dae_jax import sweep
 
 if __name__ == "__main__":
-    main()
+    sweep.script("loss_comparison")

@@ -1,10 +1,10 @@
-"""How does the noise level change what a DAE learns?
+"""How does the noise level change what a DAE learns? (level 0: a plain autoencoder)
 
-A thin main: the script is ``dae_jax/experiments/noise_sweep.py`` (from an installed package:
+The same as ``dae-jax sweep --grid=noise_sweep`` (from an installed package:
 ``python -m dae_jax.experiments.noise_sweep``); ``--help`` shows its flags.
 """
 
-from dae_jax.experiments.noise_sweep import main
+from dae_jax import sweep
 
 if __name__ == "__main__":
-    main()
+    sweep.script("noise_sweep")

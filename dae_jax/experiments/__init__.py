@@ -5,5 +5,3 @@
 (``experiments/NAME.py`` in a checkout runs the same ``main``). Each module's docstring
 is its ``--help``.
 """
-
-NAMES = ("noise_sweep", "corruption_types", "loss_comparison", "pretrain_finetune", "anomaly")
