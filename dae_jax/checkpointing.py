@@ -257,8 +257,8 @@ class Checkpoints:
 
         Its meta is read first: ``check(meta)`` may refuse it (its ``UserError`` passes
         through), and ``abstract_for(meta)`` gives the state's shapes. A checkpoint
-        written before checkpoints held their population (one model, unstacked) is
-        refused in one line."""
+        written before checkpoints held their population and config is refused in one
+        line."""
         for step in reversed(self.steps()):
             try:
                 meta = dict(
@@ -271,10 +271,10 @@ class Checkpoints:
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
                 self._damaged(step, e)
                 continue
-            if "members" not in meta:
+            if "members" not in meta or "config" not in meta:
                 raise UserError(
-                    f"{self.directory} holds checkpoints of an earlier dae_jax (one model "
-                    "saved without its population record, before 0.2); this version cannot "
+                    f"{self.directory} holds checkpoints of an earlier dae_jax (saved without "
+                    "their population or config record, before 0.2); this version cannot "
                     "resume or restore them: train the run again in a new --workdir"
                 )
             check(meta)

@@ -380,8 +380,6 @@ class _Store:
     def check(self, meta: dict[str, Any]) -> None:
         """Refuses to resume a checkpoint trained with other settings or members."""
         saved = meta.get("config")
-        if saved is None:  # written before checkpoints held their config
-            saved = runfiles.read_json(self.workdir / "config.json")
         if not isinstance(saved, dict) or not saved:  # no trustworthy record: shapes decide
             saved = None
         changes = checkpointing.science_changes(saved, self.config) if saved else []

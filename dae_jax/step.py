@@ -84,13 +84,10 @@ class Member:
 
     @classmethod
     def from_record(cls, record: dict[str, Any], base: ml_collections.ConfigDict) -> Member:
-        """A member from its JSON record; a key it lacks (written before the key was
-        traced) has ``base``'s value; records before 0.3 named two keys ``level`` and
-        ``learning_rate``."""
-        named = {"noise.level": "level", "optim.learning_rate": "learning_rate"}
+        """A member from its JSON record; a key it lacks has ``base``'s value."""
         values = []
         for key in TRACED:
-            value = record.get(key, record.get(named.get(key, key)))
+            value = record.get(key)
             values.append(_value(key, configs.get_key(base, key) if value is None else value))
         return cls(int(record["seed"]), tuple(values))
 

@@ -66,9 +66,7 @@ def models(run: Path) -> list[dict[str, Any]]:
     for k, member in enumerate(members):
         flat = _flat(config)
         if member is not None:
-            named = {"level": "noise.level", "learning_rate": "optim.learning_rate"}
-            for key, value in member.items():
-                flat[named.get(key, key)] = value
+            flat.update(member)
         final = finals[k] if k < len(finals) else {}
         out.append(
             {

@@ -283,9 +283,10 @@ def test_a_damaged_file_of_the_newest_checkpoint_costs_one_warning_line(
     assert f"Resuming from checkpoint {workdir / 'checkpoints' / '8'}" in result.stdout
 
 
-def test_checkpoints_of_an_earlier_dae_jax_are_refused_in_one_line(tiny_run, tmp_path):
-    """A checkpoint whose meta has no population record (dae_jax before 0.2 saved one
-    model unstacked) is refused, by restore and by a resume, naming what to do."""
+@pytest.mark.parametrize("record", ["members", "config"])
+def test_checkpoints_of_an_earlier_dae_jax_are_refused_in_one_line(tiny_run, tmp_path, record):
+    """A checkpoint whose meta has no population or config record (dae_jax before 0.2
+    saved one model unstacked, without its config) is refused, naming what to do."""
     import json
     import shutil
 
@@ -296,7 +297,7 @@ def test_checkpoints_of_an_earlier_dae_jax_are_refused_in_one_line(tiny_run, tmp
     shutil.copytree(tiny_run.workdir, workdir)
     for meta_file in (workdir / "checkpoints").glob("*/meta/metadata"):
         meta = json.loads(meta_file.read_text())
-        del meta["members"]
+        del meta[record]
         meta_file.write_text(json.dumps(meta))
     with pytest.raises(UserError, match="checkpoints of an earlier dae_jax .* train the run again"):
         checkpointing.restore(workdir, warn=print)
