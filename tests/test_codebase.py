@@ -49,7 +49,8 @@ def longest_import_chain() -> list[str]:
         longer = [chain(d, seen | {name}) for d in imports[name] if d not in seen | {name}]
         return (name, *max(longer, key=lambda c: len(c), default=()))
 
-    return list(max((chain(name) for name in modules), key=lambda c: len(c)))
+    chains: list[tuple[str, ...]] = [chain(name) for name in modules]
+    return list(max(chains, key=len))
 
 
 def test_the_longest_import_chain_is_eight_modules_or_fewer():
