@@ -47,10 +47,11 @@ def longest_import_chain() -> list[str]:
     @functools.cache
     def chain(name: str, seen: frozenset[str] = frozenset()) -> tuple[str, ...]:
         longer = [chain(d, seen | {name}) for d in imports[name] if d not in seen | {name}]
-        return (name, *max(longer, key=lambda c: len(c), default=()))
+        longer.sort(key=lambda c: -len(c))
+        return (name, *(longer[0] if longer else ()))
 
-    chains: list[tuple[str, ...]] = [chain(name) for name in modules]
-    return list(max(chains, key=len))
+    chains = sorted((chain(name) for name in modules), key=lambda c: -len(c))
+    return list(chains[0])
 
 
 def test_the_longest_import_chain_is_eight_modules_or_fewer():
