@@ -421,8 +421,9 @@ def _sigint_ignored() -> Iterator[None]:
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    finally:  # unless what ran set a handler of its own (the guard's exit restores one)
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _roll_back(guard: Guard) -> None:

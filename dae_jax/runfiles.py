@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -82,7 +83,11 @@ def read_json(path: Path) -> Any:
 
 
 def _is_run_file(name: str) -> bool:
-    return name in RUN_FILES or name.startswith("metrics.") or name.endswith(".tmp")
+    return (
+        name in RUN_FILES
+        or name.startswith(("metrics.", ".write_test"))  # a starting process's write probe
+        or name.endswith(".tmp")
+    )
 
 
 def check_workdir(workdir: Path) -> None:
@@ -169,9 +174,9 @@ def prepare_workdir(workdir: Path) -> None:
         created = parent
     try:
         (workdir / "figures").mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
-        probe.write_text("")
-        probe.unlink()
+        # A probe of its own: the processes of one multi-process run do this at once.
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test-"):
+            pass
     except OSError as e:
         raise UserError(
             f"--workdir={workdir} is not writable ({e.strerror}); give another"
@@ -187,14 +192,14 @@ _created: dict[Path, Path] = {}
 
 # What a failed start leaves in a workdir that is not worth keeping (the run's own
 # records of starting; logs/ goes to the crash report, tensorboard/ holds no epoch yet).
-_NOT_WORTH_KEEPING = {".lock", ".write_test", "config.json", "sweep.json", "population.json"}
+_NOT_WORTH_KEEPING = {".lock", "config.json", "sweep.json", "population.json"}
 
 
 def _worth_keeping(workdir: Path) -> bool:
     """Whether ``workdir`` holds anything a run produced: a checkpoint (even a partial
     one), an epoch record, results, figures, an evaluation..."""
     for path in workdir.rglob("*"):
-        if path.is_dir() or path.name in _NOT_WORTH_KEEPING:
+        if path.is_dir() or path.name in _NOT_WORTH_KEEPING or path.name.startswith(".write_test"):
             continue
         relative = path.relative_to(workdir).parts
         if relative[0] in ("logs", "tensorboard") and "checkpoints" not in relative:
