@@ -349,6 +349,7 @@ def run(
     of those (their union); every combination is trained with each seed. ``score``
     turns stages off: ``{"bm3d": False, "probe": False, "matrix": False}``. Resumable and
     extensible on the same workdir."""
+    from dae_jax import data, engine
     from dae_jax.configs import validate
 
     score = dict.fromkeys(SCORING, True) | (score or {})
@@ -366,6 +367,10 @@ def run(
     with runfiles.WorkdirLock(workdir):
         populations = _manifest(workdir, config)
         where, new = plan(populations, specs, config)
+        dataset = data.load(config.data, seed=config.seed)
+        for population in new:  # it fits in memory, before sweep.json promises it
+            shaped = engine.with_image_shape(population.config(config), dataset)
+            engine.check_memory(shaped, len(population.members), dataset)
         if new:
             count, before = (
                 sum(len(p.members) for p in new),
@@ -381,19 +386,19 @@ def run(
             _save_manifest(workdir, config, populations)
         else:
             log(f"{experiment}: all {len(specs)} models are planned already; resuming")
-        return _run(experiment, config, names, specs, where, workdir, score, plot, log, command)
+        args = (experiment, config, names, specs, where, workdir, score, plot, log, command)
+        return _run(*args, dataset)
 
 
-def _run(experiment, config, axes, specs, where, workdir, score, plot, log, command):
+def _run(experiment, config, axes, specs, where, workdir, score, plot, log, command, dataset):
     import jax
     import jax.numpy as jnp
 
-    from dae_jax import corruption, data, engine, step
+    from dae_jax import corruption, engine, step
 
     started = time.perf_counter()
     stages = workdir / "stages"
     stages.mkdir(exist_ok=True)
-    dataset = data.load(config.data, seed=config.seed)
     config = engine.with_image_shape(config, dataset)
     log(f"{experiment}: {dataset.name} from {dataset.source}, {len(dataset.train_images)} train")
     clean = step.to_float(jnp.asarray(step.test_images(dataset, config)))

@@ -247,6 +247,19 @@ def test_mistakes_end_in_one_line(tmp_path, args, line):
     assert not (tmp_path / "w").exists()  # nothing written for a refused command
 
 
+def test_a_sweep_whose_population_cannot_fit_is_refused_before_anything_is_written(
+    tmp_path, monkeypatch
+):
+    from dae_jax import engine
+
+    monkeypatch.setattr(engine, "available_memory", lambda: (2**20, "available on this host"))
+    workdir = tmp_path / "w"
+    result = cli_here("sweep", f"--workdir={workdir}", *TARGET, *FLAGS, "--nobm3d", "--noprobe")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: this run needs at least 0.0 GiB (4 model(s) of ")
+    assert not workdir.exists()  # no sweep.json promising a population that cannot run
+
+
 def test_another_base_config_or_an_old_sweep_is_refused(target, tmp_path):
     workdir, _ = target
     copy = tmp_path / "w"
