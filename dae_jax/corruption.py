@@ -6,6 +6,7 @@ the same shape marking the pixels the corruption touched. ``level`` may be a tra
 value, so a sweep over levels reuses one compiled program.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +51,17 @@ CORRUPTIONS: dict[str, Corruption] = {
     "gaussian": gaussian,
     "masking": masking,
     "salt_and_pepper": salt_and_pepper,
+}
+# Each kind's valid levels (the config's check): lowest, highest, and what to say otherwise.
+_FRACTION = "corrupts a fraction of the pixels: it must be in [0, 1]"
+LEVELS: dict[str, tuple[float, float, str]] = {
+    "gaussian": (
+        0.0,
+        math.inf,
+        "the Gaussian noise's standard deviation must be a finite number >= 0",
+    ),
+    "masking": (0.0, 1.0, f"masking {_FRACTION}"),
+    "salt_and_pepper": (0.0, 1.0, f"salt_and_pepper {_FRACTION}"),
 }
 
 

@@ -70,3 +70,17 @@ def test_level_is_traced_so_changing_it_never_recompiles(kind):
     outputs = [corrupt(KEY, IMAGES, jnp.float32(level)) for level in (0.1, 0.2, 0.3)]
     assert len(traces) == 1
     assert not np.array_equal(outputs[0], outputs[2])
+
+
+def test_every_noise_kind_declares_its_levels_and_the_config_checks_them():
+    from dae_jax import configs, corruption
+    from dae_jax.errors import UserError
+
+    assert set(corruption.LEVELS) == set(corruption.CORRUPTIONS)
+    for kind, (low, high, problem) in corruption.LEVELS.items():
+        config = configs.default_config()
+        config.noise.kind, config.noise.level = kind, high if high < 1e9 else 1e6
+        configs.validate(config)  # the top of its range is valid
+        config.noise.level = low - 0.5
+        with pytest.raises(UserError, match=r"noise\.level=-0\.5 is invalid: " + problem[:30]):
+            configs.validate(config)

@@ -505,22 +505,11 @@ def _training_checks(get: Callable[[str], Any]) -> list[_Check]:
     noise_kinds, loss_names = __getattr__("NOISE_KINDS"), __getattr__("LOSSES")
     kind, level, lr = get("noise.kind"), get("noise.level"), get("optim.learning_rate")
     checks = [("noise.kind", kind in noise_kinds, f"must be one of {', '.join(noise_kinds)}")]
-    if kind == "gaussian":
-        checks.append(
-            (
-                "noise.level",
-                _finite32(level) and level >= 0,
-                "the Gaussian noise's standard deviation must be a finite number >= 0",
-            )
-        )
-    else:
-        checks.append(
-            (
-                "noise.level",
-                _is_number(level) and 0 <= level <= 1,
-                f"{kind} corrupts a fraction of the pixels: it must be in [0, 1]",
-            )
-        )
+    if kind in noise_kinds:  # each kind's range lives with the kind
+        from dae_jax.corruption import LEVELS
+
+        low, high, problem = LEVELS[kind]
+        checks.append(("noise.level", _finite32(level) and low <= level <= high, problem))
     checks += [
         ("loss", get("loss") in loss_names, f"must be one of {', '.join(loss_names)}"),
         (
