@@ -185,9 +185,9 @@ class _StopSignals:
 
 
 class _Writers:
-    """Where a run's records go: every event to ``metrics.jsonl``; each epoch's record
-    also to TensorBoard (``W/tensorboard``, a run per member) and to the ``on_epoch``
-    callback with its model."""
+    """Where a run's records go, through one ``write``: every record to
+    ``metrics.jsonl``; an epoch's also to TensorBoard (``W/tensorboard``, a run per
+    member) and to the ``on_epoch`` callback, with its member's model."""
 
     def __init__(
         self, workdir: Path, members: int, tensorboard: bool, on_epoch: EpochCallback | None
@@ -196,15 +196,15 @@ class _Writers:
         self.tensorboard = runfiles.TensorBoard(workdir / "tensorboard", members, tensorboard)
         self.on_epoch = on_epoch
 
-    def write(self, event: str, **record: Any) -> None:
+    def write(
+        self, event: str, record: dict[str, Any], model: Callable[[], Any] | None = None
+    ) -> None:
+        """One record; for an epoch's, ``model()`` gives its member's model."""
         self.jsonl.write(event, **record)
-
-    def epoch(self, k: int, record: dict[str, Any], model: Callable[[], Any]) -> None:
-        """Member ``k``'s epoch record; ``model()`` gives its model, for the callback."""
-        self.jsonl.write("epoch", **record)
-        self.tensorboard.epoch(k, record)
-        if self.on_epoch is not None:
-            self.on_epoch(record, model())
+        if event == "epoch":
+            self.tensorboard.epoch(record.get("model", 0), record)
+            if self.on_epoch is not None and model is not None:
+                self.on_epoch(record, model())
 
     def close(self) -> None:
         self.jsonl.close()
@@ -563,14 +563,9 @@ class _Loop:
             history = []
         tensorboard = bool(self.config.get("tensorboard", True))
         writers = _Writers(self.workdir, self.k, tensorboard, on_epoch)
-        writers.write(
-            "resume" if restored is not None else "start",
-            step=self.store.global_step(position),
-            dataset=self.dataset.name,
-            data_source=self.dataset.source,
-            models=self.k,
-            **runfiles.device_info(),
-        )
+        started = {"step": self.store.global_step(position), "dataset": self.dataset.name}
+        started.update(data_source=self.dataset.source, models=self.k, **runfiles.device_info())
+        writers.write("resume" if restored is not None else "start", started)
         runfiles.write_json(self.workdir / "config.json", checkpointing.plain(self.config))
         if self.k > 1:
             runfiles.write_json(
@@ -670,7 +665,7 @@ class _Loop:
         )
         compile_seconds = time.perf_counter() - compile_start
         self.say(f"Compiled {len(programs) + 1} programs in {compile_seconds:.1f} s")
-        writers.write("compile", seconds=compile_seconds)
+        writers.write("compile", {"seconds": compile_seconds})
 
         self.say.start_bar(self.steps * epochs, self.store.global_step(position))
         profile_steps = int(config.get("profile_steps", 0))
@@ -811,7 +806,7 @@ class _Loop:
                 **({"diverged": True} if k in position.diverged else {}),
             }
             history.append(record)
-            writers.epoch(k, record, functools.partial(self._model, state, k))
+            writers.write("epoch", record, functools.partial(self._model, state, k))
         position.epochs_done, position.step_in_epoch = epoch, 0
         position.loss_sums = [0.0] * self.k
         last = history[-self.k :]
@@ -879,9 +874,8 @@ class _Loop:
             "device": runfiles.device_info(),
         }
         runfiles.write_json(workdir / "summary.json", summary)
-        writers.write(
-            "end", epochs=epochs, step=self.store.global_step(position), train_seconds=train_seconds
-        )
+        end = {"epochs": epochs, "step": self.store.global_step(position)}
+        writers.write("end", {**end, "train_seconds": train_seconds})
         if history and self.k == 1:
             final = history[-1]
             self.say(
