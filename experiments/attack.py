@@ -875,6 +875,23 @@ def out_of_memory(ctx: Context) -> Outcome:
     )
 
 
+@case()
+def sweep_out_of_memory(ctx: Context) -> Outcome:
+    w = ctx.dir("sweep_out_of_memory") / "w"
+    result = cli(
+        ctx, "sweep", f"--workdir={w}", *ctx.tiny(model__hidden="(100000000,)"), "--seeds=0,1",
+        "--nobm3d", "--noprobe",
+    )  # fmt: skip
+    return judge(
+        "sweep_out_of_memory",
+        result,
+        rc=1,
+        checks=[
+            (not w.exists(), "silent wrong", "left a sweep.json planning models that cannot fit"),
+        ],
+    )
+
+
 # ---------------------------------------------------------------------- slow: a sweep
 
 
