@@ -300,16 +300,19 @@ def available_memory() -> tuple[int | None, str]:
     return free, "available on this host"
 
 
-def check_memory(config: ml_collections.ConfigDict, k: int, dataset: data.Dataset) -> None:
+def check_memory(config: ml_collections.ConfigDict, k: int, dataset: data.Dataset) -> int:
     """Refuses, before anything is written, a run that cannot fit: a lower bound of its
     needs (each model's parameters, gradients and optimizer state, and the data kept on
     the device) against what one device can allocate. The host's out-of-memory killer
-    or the allocator would otherwise stop it later, without a checkpoint."""
+    or the allocator would otherwise stop it later, without a checkpoint. Returns the
+    bound, in bytes."""
     _, abstract = abstract_state(config, k)
     state = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract))
     params = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract.params))
     count = sum(leaf.size for leaf in jax.tree.leaves(abstract.params)) // k
-    models_bytes = (state + params) // max(1, min(k, jax.local_device_count()))
+    devices = jax.local_devices()  # a population spreads over them; the CPU's share the host's
+    spread = 1 if devices[0].platform == "cpu" else max(1, min(k, len(devices)))
+    models_bytes = (state + params) // spread
     needed = models_bytes + dataset.train_images.nbytes + dataset.test_images.nbytes
     free, where = available_memory()
     if free is not None and needed > free:
@@ -320,6 +323,7 @@ def check_memory(config: ml_collections.ConfigDict, k: int, dataset: data.Datase
             "(--config.model.hidden, --config.model.channels) or fewer models at once",
             exit_code=1,
         )
+    return needed
 
 
 def with_image_shape(

@@ -275,6 +275,25 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_anything_is_written(
     assert not workdir.exists()
 
 
+def test_the_memory_bound_counts_every_model_on_the_cpu_and_a_share_per_accelerator(
+    monkeypatch,
+):
+    from dae_jax import engine
+
+    dataset = data.synthetic(0, 64, 16)
+    config = engine.with_image_shape(tiny_config(), dataset)
+    cpu = engine.check_memory(config, 4, dataset)  # 8 CPU devices would share the host's
+
+    class Accelerator:
+        platform = "gpu"
+
+    monkeypatch.setattr(engine.jax, "local_devices", lambda: [Accelerator()] * 4)
+    monkeypatch.setattr(engine, "available_memory", lambda: (None, ""))
+    each = engine.check_memory(config, 4, dataset)  # one model on each of 4 devices
+    data_bytes = dataset.train_images.nbytes + dataset.test_images.nbytes
+    assert cpu - data_bytes == 4 * (each - data_bytes) > 4 * 106_464 * 4 * 4
+
+
 def test_a_job_s_memory_limit_counts_when_lower_than_the_host_s(tmp_path, monkeypatch):
     from dae_jax import engine
 
