@@ -24,6 +24,7 @@ import numpy as np
 from dae_jax import guard, parallel
 from dae_jax.errors import Interrupted, UserError, first_line
 
+WRITE_PROBE = ".write_test-"  # + a unique suffix: prepare_workdir's check that W is writable
 # What a dae_jax workdir may hold; anything else means the directory is someone else's.
 RUN_FILES = {
     ".lock",
@@ -85,7 +86,7 @@ def read_json(path: Path) -> Any:
 def _is_run_file(name: str) -> bool:
     return (
         name in RUN_FILES
-        or name.startswith(("metrics.", ".write_test"))  # a starting process's write probe
+        or name.startswith(("metrics.", WRITE_PROBE))  # a starting process's write probe
         or name.endswith(".tmp")
     )
 
@@ -175,7 +176,7 @@ def prepare_workdir(workdir: Path) -> None:
     try:
         (workdir / "figures").mkdir(parents=True, exist_ok=True)
         # A probe of its own: the processes of one multi-process run do this at once.
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test-"):
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=WRITE_PROBE):
             pass
     except OSError as e:
         raise UserError(
@@ -199,7 +200,7 @@ def _worth_keeping(workdir: Path) -> bool:
     """Whether ``workdir`` holds anything a run produced: a checkpoint (even a partial
     one), an epoch record, results, figures, an evaluation..."""
     for path in workdir.rglob("*"):
-        if path.is_dir() or path.name in _NOT_WORTH_KEEPING or path.name.startswith(".write_test"):
+        if path.is_dir() or path.name in _NOT_WORTH_KEEPING or path.name.startswith(WRITE_PROBE):
             continue
         relative = path.relative_to(workdir).parts
         if relative[0] in ("logs", "tensorboard") and "checkpoints" not in relative:
