@@ -46,7 +46,7 @@ from typing import Any
 import ml_collections
 
 from dae_jax import baselines, checkpointing, configs, grids, metrics, report, runfiles
-from dae_jax.configs import _is_number
+from dae_jax.configs import is_number
 from dae_jax.errors import UserError
 
 SCORING = {  # the scoring stages a sweep may turn off
@@ -94,7 +94,7 @@ def coerce(key: str, value: Any, base: ml_collections.ConfigDict) -> Any:
             text = text.capitalize()
         with contextlib.suppress(ValueError, SyntaxError):
             value = ast.literal_eval(text)
-    if configs._type_problem(value, default):
+    if configs.type_problem(value, default):
         kind = type(default).__name__
         raise UserError(f"--axis={key}: {value!r} is not a {kind} like its default {default!r}")
     if isinstance(default, tuple | list):
@@ -720,7 +720,7 @@ def plot_axes(
             f"--plot={plot}: give x:KEY[,hue:KEY] with keys among the axes "
             f"({', '.join(axes) or 'none'})"
         )
-    numeric = [a for a in axes if lines and all(_is_number(ln["values"][a]) for ln in lines)]
+    numeric = [a for a in axes if lines and all(is_number(ln["values"][a]) for ln in lines)]
     preferred = [a for a in axes if a == "noise.level"] + numeric + axes
     x = chosen.get("x", preferred[0] if preferred else "")
     return x, [chosen["hue"]] if "hue" in chosen else [a for a in axes if a != x]
@@ -823,7 +823,7 @@ def command(argv: list[str], g: Any) -> int:
     if values.quick:  # the grid's numeric axes: 2 values each
         for product in prods:
             for key, vals in product.items():
-                if key not in axes and len(vals) > 2 and all(map(_is_number, vals)):
+                if key not in axes and len(vals) > 2 and all(map(is_number, vals)):
                     product[key] = vals[:2]
                     print(
                         f"--quick kept {key}={','.join(map(report.show, vals[:2]))} of the grid's"

@@ -130,7 +130,8 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool (the configs' numbers; the sweep's axes use it too)."""
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -139,7 +140,7 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 def _finite32(value: Any) -> bool:
     """A number the device's float32 holds as a finite value (1e39 would be inf)."""
-    return _is_number(value) and math.isfinite(value) and abs(value) <= FLOAT32_MAX
+    return is_number(value) and math.isfinite(value) and abs(value) <= FLOAT32_MAX
 
 
 def _usable_directory(spec: str) -> bool:
@@ -277,7 +278,7 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collec
         if not ok:
             raise _fail(key, get(key), allowed)
     for key, default_value in flat(default_config()).items():  # every key has a type
-        problem = _type_problem(_optional(get, key, default_value), default_value)
+        problem = type_problem(_optional(get, key, default_value), default_value)
         if problem:
             raise _fail(key, get(key), problem)
     return config
@@ -327,12 +328,12 @@ def with_values(
     return config
 
 
-def _type_problem(value: Any, default: Any) -> str | None:
+def type_problem(value: Any, default: Any) -> str | None:
     """What a key of ``default``'s type must be, when ``value`` is not of it."""
     for kind, test, what in (
         (bool, lambda v: isinstance(v, bool), "True or False"),
         (int, _is_int, "an integer"),
-        (float, _is_number, "a number"),
+        (float, is_number, "a number"),
         (str, lambda v: isinstance(v, str), "a string"),
         (tuple | list, lambda v: isinstance(v, tuple | list), "a list, e.g. (1, 2)"),
     ):
@@ -495,7 +496,7 @@ def _image_checks(get: Callable[[str], Any]) -> list[_Check]:
         ),
         (
             "data.test_fraction",
-            _is_number(fraction) and 0 < fraction < 1,
+            is_number(fraction) and 0 < fraction < 1,
             "must be a number between 0 and 1 (the share of a folder's images to test on)",
         ),
     ]
