@@ -35,6 +35,7 @@ Writes ``W/bench.json`` (machine, versions, peaks, rows), ``W/bench.md`` (the ta
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -266,6 +267,20 @@ def _cost(compiled: Any) -> tuple[float, float]:
     return float(analysis.get("flops", math.nan)), float(analysis.get("bytes accessed", math.nan))
 
 
+def _step_cost(setup: Any, args: tuple, one_step: Any) -> tuple[float, float]:
+    """XLA's FLOPs and bytes of one step. Its cost analysis counts a loop body once: ask
+    it about a one-step chunk (``one_step``), with the step's microbatches and a conv
+    population's members (on CPU, loops) as one batch, vmapped: the same math."""
+    import jax
+
+    from dae_jax import step
+
+    if not (setup.microbatch or setup.members_in_sequence):
+        return _cost(one_step)
+    whole = dataclasses.replace(setup, microbatch=0, members_in_sequence=False)
+    return _cost(jax.jit(functools.partial(step.population_chunk, whole, 1)).lower(*args).compile())
+
+
 def _memory_estimate(compiled: Any) -> int | None:
     """XLA's memory estimate of ``compiled``: arguments + outputs + temporaries - aliased."""
     try:
@@ -396,8 +411,7 @@ def bench_setting(
         return compiled, time.perf_counter() - start
 
     one_step, one_step_compile = compile_chunk(1)
-    # XLA's cost analysis counts a loop body once: ask it about a one-step chunk.
-    flops, bytes_accessed = _cost(one_step)
+    flops, bytes_accessed = _step_cost(setup, args, one_step)
     estimate = _memory_estimate(one_step)
     row.update(
         flops_per_step=flops,
@@ -475,7 +489,7 @@ def _test_psnr(setup: Any, test: Any, weights: Any, level: Any) -> Callable[...,
             index, images_u8, batch_weights = args
             clean = step.to_float(images_u8)
             noisy = setup.corrupt(jax.random.fold_in(key, index), clean, level)
-            psnr = metrics.psnr(model.to_pixels(model.outputs(noisy)), clean)
+            psnr = metrics.psnr(model.to_pixels(setup.outputs(model, noisy)), clean)
             return jnp.sum(jnp.where(batch_weights > 0, psnr, 0.0))
 
         indices = jnp.arange(test.shape[0])
