@@ -204,11 +204,6 @@ def to_float(images_u8: jax.Array) -> jax.Array:
 CPU_CONV_MICROBATCH = 16  # Setup.microbatch of the conv DAE on CPU
 
 
-def conv_on_cpu(config: ml_collections.ConfigDict) -> bool:
-    """A convolutional model on XLA:CPU, which some of its loops are shaped for."""
-    return models.kind(config).fully_convolutional and jax.default_backend() == "cpu"
-
-
 def scan_unroll(config: ml_collections.ConfigDict) -> int:
     """``train.scan_unroll``, 0 meaning 1: a scanned chunk is as fast as an unrolled one
     for every model kind (conv too, since its CPU gradients avoid XLA's slow path) and
@@ -243,6 +238,7 @@ class Setup:
     def from_config(
         cls, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, steps_per_epoch: int = 1
     ) -> Setup:
+        cpu = jax.default_backend() == "cpu"
         return cls(
             graphdef=graphdef,
             loss=config.loss,
@@ -252,10 +248,8 @@ class Setup:
             optim=Optim.from_config(config, steps_per_epoch),
             patch_size=int(config.data.get("patch_size", 0) or 0),
             augment=bool(config.data.get("augment", False)),
-            members_in_sequence=conv_on_cpu(config),
-            microbatch=CPU_CONV_MICROBATCH
-            if conv_on_cpu(config) and config.model.kind == "conv"
-            else 0,
+            members_in_sequence=cpu and models.kind(config).fully_convolutional,
+            microbatch=CPU_CONV_MICROBATCH if cpu and config.model.kind == "conv" else 0,
         )
 
     def corrupt(
@@ -300,11 +294,11 @@ class Setup:
     def _parts(self, size: int) -> int:
         """Into how many equal parts of ``microbatch / 2`` to ``microbatch`` examples a
         batch of ``size`` splits (1: none, or it does not split so)."""
-        small = self.microbatch
-        for parts in range(-(-size // small), size // (small // 2 or 1) + 1) if small else ():
-            if size % parts == 0:
-                return parts
-        return 1
+        largest = self.microbatch
+        if not largest:
+            return 1
+        fewest, most = -(-size // largest), size // max(largest // 2, 1)
+        return next((n for n in range(fewest, most + 1) if size % n == 0), 1)
 
 
 def _corrupt_as(kind: str, clip: bool, key: jax.Array, clean: jax.Array, level: jax.Array):
@@ -317,13 +311,14 @@ def _all_finite(tree: object) -> jax.Array:
 
 def optimizer_step(
     optimizer: optax.GradientTransformation,
-    loss_of: Callable[[Any], jax.Array],
+    loss_and_grad: Callable[[Any], tuple[jax.Array, Any]],
     params: Any,
     opt_state: optax.OptState,
 ) -> tuple[Any, optax.OptState, jax.Array]:
-    """One gradient step on ``loss_of(params)``: the building block of every loop here
-    (training, pre-training, fine-tuning)."""
-    loss, grads = jax.value_and_grad(loss_of)(params)
+    """One gradient step, ``loss_and_grad(params)`` giving the loss and its gradient
+    (``jax.value_and_grad`` of a loss, or ``Setup.loss_and_grad``): the building block
+    of every loop here (training, pre-training, fine-tuning)."""
+    loss, grads = loss_and_grad(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -333,11 +328,13 @@ def train_step(
 ) -> tuple[TrainState, jax.Array]:
     """One optimizer step on a batch of clean images in [0, 1], corrupted with ``key``."""
     noisy = setup.corrupt(key, clean, hyper["noise.level"], hyper["noise.kind"])
-    loss, grads = setup.loss_and_grad(state.params, noisy, clean)
-    updates, opt_state = make_optimizer(setup.optim, hyper).update(
-        grads, state.opt_state, state.params
+    params, opt_state, loss = optimizer_step(
+        make_optimizer(setup.optim, hyper),
+        lambda params: setup.loss_and_grad(params, noisy, clean),
+        state.params,
+        state.opt_state,
     )
-    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), loss
+    return TrainState(state.step + 1, params, opt_state), loss
 
 
 def minibatch_epochs(
@@ -375,7 +372,7 @@ def minibatch_epochs(
             def loss_of(params: Any) -> jax.Array:
                 return loss_fn(params, batch_data, jax.random.fold_in(step_key, i))
 
-            params, opt_state, loss = optimizer_step(optimizer, loss_of, *carry)
+            params, opt_state, loss = optimizer_step(optimizer, jax.value_and_grad(loss_of), *carry)
             return (params, opt_state), loss
 
         (params, opt_state), batch_losses = jax.lax.scan(
