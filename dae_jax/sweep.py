@@ -54,8 +54,6 @@ SCORING = {  # the scoring stages a sweep may turn off
     "probe": "linear probes of the codes",
     "matrix": "every model at every level of its noise kind",
 }
-# Keys a sweep's resume may change (speed and logging), left out of its base config.
-SPEED_KEYS = ("compile_cache", "train.log_every", "train.scan_unroll", "profile_steps")
 FORMAT = 2  # sweep.json's layout
 MAX_MODELS = 4096  # a sweep's members (each is trained, kept on disk and scored)
 
@@ -77,7 +75,7 @@ def check_axis_key(key: str, base: ml_collections.ConfigDict) -> None:
         )
     if key == "seed":
         raise UserError("--axis=seed=... : the seeds are their own flag: give --seeds=0,1,2")
-    if key.startswith("data.") or key in SPEED_KEYS:
+    if key.startswith("data.") or key in configs.SPEED_KEYS:
         raise UserError(
             f"--axis={key}=...: {key} cannot be a sweep axis (every member shares the data, "
             "its test images and references); run one sweep per value and combine them "
@@ -239,7 +237,7 @@ def _plain(value: Any) -> Any:
 
 def _base_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
     record = _plain(config.to_dict())
-    for key in SPEED_KEYS:
+    for key in configs.SPEED_KEYS:  # a resume may change them: not in the base record
         *parents, leaf = key.split(".")
         functools.reduce(dict.__getitem__, parents, record).pop(leaf, None)
     return record

@@ -26,9 +26,9 @@ from dae_jax.errors import UserError
 
 METRICS = ("test_psnr_denoised", "test_ssim_denoised", "test_loss", "train_loss")
 # Keys that say how a run was made, not what it is: never a column.
-IGNORED = ("compile_cache", "train.log_every", "train.scan_unroll", "profile_steps",
-           "tensorboard", "checkpoint.every_epochs", "checkpoint.keep", "data.local_dir",
-           "data.tfds_dir", "eval.batch_size", "eval.num_figure_images", "seed")  # fmt: skip
+IGNORED = (*configs.SPEED_KEYS, "tensorboard", "checkpoint.every_epochs", "checkpoint.keep",
+           "data.local_dir", "data.tfds_dir", "eval.batch_size", "eval.num_figure_images",
+           "seed")  # fmt: skip
 
 
 def main(argv: Sequence[str], *, program: bool = False) -> int:

@@ -40,6 +40,9 @@ SEED_LIMIT = 2**32
 SCHEDULES = ("constant", "cosine")  # optim.schedule: dae_jax.step.Optim
 # config.precision: the models' compute dtype (dae_jax.models.PRECISIONS maps them to dtypes).
 PRECISIONS = ("float32", "bfloat16")
+# Keys that change how fast a run goes and what it logs, not what it learns: a sweep's
+# resume may change them, and dae-jax table never makes them a column.
+SPEED_KEYS = ("compile_cache", "train.log_every", "train.scan_unroll", "profile_steps")
 
 
 def names() -> tuple[str, ...]:
