@@ -193,6 +193,7 @@ def test_augmented_patches_are_the_eight_symmetries_of_the_plain_ones():
     assert len(seen) == 8
 
 
+@pytest.mark.slow  # a resume test (the slow tier's kind): 15-17 s on 2 cores
 def test_patch_training_resumes_bit_exactly(tmp_path):
     config = tiny_config(
         **{
