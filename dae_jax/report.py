@@ -16,7 +16,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,27 +60,31 @@ def table(
     higher_is_better: bool = True,
 ) -> str:
     """A markdown table of mean ± std per (row, column); the best mean per column bold."""
-    best: dict[str, float] = {}
-    for column in columns:
-        means = [mean_std(cells[r, column])[0] for r in row_names if cells.get((r, column))]
-        if means:
-            best[column] = max(means) if higher_is_better else min(means)
-    lines = [
-        f"| {first} | " + " | ".join(columns) + " |",
-        "| --- |" + " ---: |" * len(columns),
-    ]
-    for name in row_names:
-        out = []
-        for column in columns:
-            values = cells.get((name, column))
-            if not values:
-                out.append("—")
-                continue
-            mean, std = mean_std(values)
-            text = f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if len(values) > 1 else "")
-            out.append(f"**{text}**" if math.isclose(mean, best[column]) else text)
-        lines.append(f"| {name} | " + " | ".join(out) + " |")
-    return "\n".join(lines)
+    stats = {(r, c): mean_std(cells[r, c]) for r in row_names for c in columns if cells.get((r, c))}
+    pick = max if higher_is_better else min
+    best = {c: pick((m for (_, col), (m, _) in stats.items() if col == c), default=None)
+            for c in columns}  # fmt: skip
+
+    def shown(r: str, c: str) -> Any:  # (mean, std) of two or more values, else the value
+        values = cells.get((r, c)) or []
+        return stats[r, c] if len(values) > 1 else stats[r, c][0] if values else math.nan
+
+    rows = [[name, *(cell(shown(name, c), digits, best[c]) for c in columns)] for name in row_names]
+    return "\n".join(markdown_table([first, *columns], rows))
+
+
+def cell(value: float | tuple[float, float], digits: int, best: float | None = None) -> str:
+    """A number or (mean, std) as the tables show it (∞, or — for none); bold if the best."""
+    mean, std = value if isinstance(value, tuple) else (value, math.nan)
+    text = f"{mean:.{digits}f}" if math.isfinite(mean) else ("∞" if mean > 0 else "—")
+    text += f" ± {std:.{digits}f}" if math.isfinite(std) else ""
+    return f"**{text}**" if best is not None and math.isclose(mean, best) else text
+
+
+def markdown_table(head: Sequence[str], rows: Iterable[Sequence[Any]], left: int = 1) -> list[str]:
+    """A markdown table's lines: ``left`` columns of text, then numbers (right-aligned)."""
+    rule = ["---"] * left + ["---:"] * (len(head) - left)
+    return ["| " + " | ".join(map(str, line)) + " |" for line in [head, rule, *rows]]
 
 
 def show(value: Any) -> str:

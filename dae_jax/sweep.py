@@ -610,38 +610,28 @@ def _line(rows: list[dict], values: tuple, seeds: int, at: dict[str, Any]) -> di
     }
 
 
-def _cell(value: float | tuple[float, float], digits: int, best: float | None = None) -> str:
-    """A number or (mean, std) as the tables show it (∞, or — for none); bold if the best."""
-    mean, std = value if isinstance(value, tuple) else (value, math.nan)
-    text = f"{mean:.{digits}f}" if math.isfinite(mean) else ("∞" if mean > 0 else "—")
-    text += f" ± {std:.{digits}f}" if math.isfinite(std) else ""
-    return f"**{text}**" if mean == best else text
+# The columns of results.md after the axes: summary key -> (heading, digits); the DAE's bold
+# where best.
+COLUMNS = {"noisy_psnr": ("noisy PSNR", 2), "best_classical_psnr": ("best classical PSNR", 2),
+           "psnr": ("DAE PSNR", 2), "gain_db": ("gain (dB)", 2), "ssim": ("DAE SSIM", 3),
+           "probe": ("linear probe acc.", 4)}  # fmt: skip
 
 
 def markdown(lines: list[dict[str, Any]], axes: list[str], rows: list[dict], score: dict) -> str:
     """The tables: one line per combination (its axis values as columns), a pivot of the
     DAE's PSNR over the first axis when there are two or more, and BM3D beside the DAE."""
-
-    def best(key: str) -> float | None:
-        means = [ln[key][0] if isinstance(ln[key], tuple) else ln[key] for ln in lines]
-        return max((m for m in means if math.isfinite(m)), default=None)
-
-    probe = score.get("probe", True)
-    head = [*axes, "noisy PSNR", "best classical PSNR", "DAE PSNR", "gain (dB)", "DAE SSIM"]
-    head += ["linear probe acc."] if probe else []
-    out = [
-        "| " + " | ".join(head) + " |",
-        "|" + " --- |" * len(axes) + " ---: |" * (len(head) - len(axes)),
-    ]
+    columns = [key for key in COLUMNS if key != "probe" or score.get("probe", True)]
+    means = {key: [ln[key][0] if isinstance(ln[key], tuple) else ln[key] for ln in lines]
+             for key in columns[2:]}  # fmt: skip
+    best = {key: max(filter(math.isfinite, m), default=None) for key, m in means.items()}
+    table = []
     for line in lines:
         cells = [report.show(line["values"][a]) for a in axes]
         if line["diverged"]:  # said in the last axis' cell (in a cell of its own with no axes)
             note = f" ({line['diverged']} of {line['seeds']} diverged, left out)"
             cells[-1:] = ["".join(cells[-1:]) + note]
-        cells += [_cell(line["noisy_psnr"], 2), _cell(line["best_classical_psnr"], 2)]
-        columns = [("psnr", 2), ("gain_db", 2), ("ssim", 3)] + ([("probe", 4)] if probe else [])
-        cells += [_cell(line[key], digits, best(key)) for key, digits in columns]
-        out.append("| " + " | ".join(cells) + " |")
+        table.append(cells + [report.cell(line[k], COLUMNS[k][1], best.get(k)) for k in columns])
+    out = report.markdown_table([*axes, *(COLUMNS[k][0] for k in columns)], table, len(axes))
     if len(axes) >= 2:
         out += ["", f"DAE PSNR (dB), mean ± std over seeds, by {axes[0]}:", ""]
         out += _pivot(lines, axes)
@@ -662,13 +652,12 @@ def _pivot(lines: list[dict[str, Any]], axes: list[str]) -> list[str]:
     table: dict[str, dict[str, str]] = {}
     for line in lines:
         name = ", ".join(f"{a}={report.show(line['values'][a])}" for a in rest)
-        table.setdefault(name, {})[report.show(line["values"][first])] = _cell(line["psnr"], 2)
+        table.setdefault(name, {})[report.show(line["values"][first])] = report.cell(
+            line["psnr"], 2
+        )
     columns = list(dict.fromkeys(report.show(ln["values"][first]) for ln in lines))
-    out = [f"| {', '.join(rest)} | " + " | ".join(f"{first}={c}" for c in columns) + " |"]
-    out.append("| --- |" + " ---: |" * len(columns))
-    for name, cells in table.items():
-        out.append(f"| {name} | " + " | ".join(cells.get(c, "—") for c in columns) + " |")
-    return out
+    rows = [[name, *(cells.get(c, "—") for c in columns)] for name, cells in table.items()]
+    return report.markdown_table([", ".join(rest), *(f"{first}={c}" for c in columns)], rows)
 
 
 def _bm3d_table(lines: list[dict[str, Any]]) -> list[str]:
@@ -677,19 +666,17 @@ def _bm3d_table(lines: list[dict[str, Any]]) -> list[str]:
     if not compared:
         return []
     counts = ", ".join(map(str, sorted({ln["subset_images"] for ln in compared})))
-    out = [
+    rows = []
+    for ln in compared:
+        bm3d, dae = ln["bm3d_psnr"], ln["psnr_subset"]
+        rows.append([ln["label"], *(report.cell(v, 2) for v in (bm3d, dae, dae[0] - bm3d))])
+    return [
         "",
         f"BM3D (tuned per level like the others) against the DAE on the first {counts} test "
         "images, the same noisy images for both:",
         "",
-        "| model | BM3D PSNR | DAE PSNR | DAE - BM3D (dB) |",
-        "| --- | ---: | ---: | ---: |",
+        *report.markdown_table(["model", "BM3D PSNR", "DAE PSNR", "DAE - BM3D (dB)"], rows),
     ]
-    for ln in compared:
-        bm3d, dae = ln["bm3d_psnr"], ln["psnr_subset"]
-        cells = [ln["label"], _cell(bm3d, 2), _cell(dae, 2), _cell(dae[0] - bm3d, 2)]
-        out.append("| " + " | ".join(cells) + " |")
-    return out
 
 
 def write(workdir, experiment, config, axes, specs, own, rows, score, plot, command, started):

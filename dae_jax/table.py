@@ -116,11 +116,7 @@ def tabulate(
 
 
 def markdown(differ: list[str], lines: list[dict[str, Any]], metrics: Sequence[str]) -> str:
-    head = [*differ, "models", *metrics]
-    out = [
-        "| " + " | ".join(head) + " |",
-        "|" + " --- |" * len(differ) + " ---: |" * (1 + len(metrics)),
-    ]
+    rows = []
     for line in lines:
         cells = [report.show(line[k]) for k in differ]
         cells.append(
@@ -129,8 +125,8 @@ def markdown(differ: list[str], lines: list[dict[str, Any]], metrics: Sequence[s
         for m in metrics:
             mean, std = line[m]
             cells.append(f"{mean:.4f} ± {std:.4f}" if math.isfinite(mean) else "—")
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
+        rows.append(cells)
+    return "\n".join(report.markdown_table([*differ, "models", *metrics], rows, len(differ))) + "\n"
 
 
 def command(argv: list[str], g: Any) -> int:
