@@ -300,16 +300,17 @@ def _refused(command: str, name: str) -> str | None:
     return None
 
 
-def _config_error(args: Sequence[str], error: Exception) -> str:
+def config_error(
+    args: Sequence[str],
+    error: Exception,
+    keys: str = "the keys are listed in dae_jax/configs/default.py",
+) -> str:
     """One line for a config that failed to load: an unknown key, or a broken file."""
     overrides = [a[len("--config.") :].split("=", 1)[0] for a in args if a.startswith("--config.")]
     text = str(error)
     for key in overrides:
         if f"'{key.split('.')[-1]}'" in text:
-            return (
-                f"unknown config key {key!r} (--config.{key}); "
-                "the keys are listed in dae_jax/configs/default.py"
-            )
+            return f"unknown config key {key!r} (--config.{key}); {keys}"
     cause = error.__cause__ if isinstance(error.__cause__, Exception) else error
     return f"cannot load the --config file: {type(cause).__name__}: {one_line(cause)}"
 
@@ -425,7 +426,7 @@ def _main(argv: Sequence[str], g: guard.Guard) -> int:
     except flags.Error as e:
         return _error(_flag_error(command, e), 2)
     except Exception as e:  # a user's config file can raise anything
-        return _error(_config_error(args, e), 2)
+        return _error(config_error(args, e), 2)
     g.verbose = FLAGS.verbose
     problem = _workdir_problem(FLAGS.workdir, positional, command)
     if problem:

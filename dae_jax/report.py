@@ -189,7 +189,7 @@ def parse(
     set. Returns None after printing ``--help``; a mistake raises a ``UserError``."""
     from absl import flags
 
-    from dae_jax.cli import repeated_flag, swallowed_value
+    from dae_jax.cli import config_error, repeated_flag, swallowed_value
     from dae_jax.configs import DEFAULT_CONFIG, define_config_flag, resolve_argv
 
     g.stage, g.writes_workdir = "reading the command line", True
@@ -210,22 +210,19 @@ def parse(
     g.stage = "reading the config"
     try:  # the config file is loaded, and its overrides applied, as it is defined
         define_config_flag(argv, default_config or str(DEFAULT_CONFIG), values, lock_config=False)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(_config_problem(argv, e)) from None
-    if any(arg in ("-h", "--help", "-help", "--helpshort", "--helpfull") for arg in argv[1:]):
-        values(argv[:1])
-        print(_help(doc, values))
-        return None
-    try:
-        positional = values(argv)[1:]
+        wants_help = any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv)
+        positional = values(argv[:1] if wants_help else argv)[1:]
         config = values.config
         config.to_dict()
+    except UserError:
+        raise
     except flags.Error as e:
         raise UserError(f"{one_line(e)} (--help lists the flags)") from None
     except Exception as e:  # a config file or an override can raise anything
-        raise UserError(_config_problem(argv, e)) from None
+        raise UserError(config_error(argv, e, keys="--help lists the config keys")) from None
+    if wants_help:
+        print(_help(doc, values))
+        return None
     g.verbose = values.verbose
     if positional:
         raise UserError(f"unexpected argument {positional[0]!r} (--help lists the flags)")
@@ -344,12 +341,3 @@ def apply_quick(
         + (f" (kept what you gave: {', '.join(kept)})" if kept else "")
     )
     return seeds
-
-
-def _config_problem(argv: Sequence[str], error: Exception) -> str:
-    """One line for a config that failed to load: an unknown key, or a broken file."""
-    keys = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-    for key in keys:
-        if f"'{key.split('.')[-1]}'" in str(error):
-            return f"unknown config key {key!r} (--config.{key}); --help lists the config keys"
-    return f"cannot load the --config file: {one_line(error)}"
