@@ -728,12 +728,13 @@ def figures(directory: Path, rows, lines, axes, score, plot) -> None:
 # ------------------------------------------------------------------- command line
 
 
-def main(argv: Sequence[str], *, program: bool = False) -> int:
-    """``dae-jax sweep`` with ``argv`` (``argv[0]`` the program) under the crash guard;
-    returns the exit code. Parses into its own ``FlagValues``: callable in-process."""
+def main(argv: Sequence[str], *, program: bool = False, script: str = "") -> int:
+    """``dae-jax sweep`` with ``argv`` (``argv[0]`` the program; ``script``: the named
+    grid's script) under the crash guard; returns the exit code. Parses into its own
+    ``FlagValues``: callable in-process."""
     from dae_jax import guard
 
-    return guard.run("dae-jax sweep", lambda g: command(list(argv), g), program=program)
+    return guard.run("dae-jax sweep", lambda g: command(list(argv), g, script), program=program)
 
 
 def script(grid: str) -> None:
@@ -743,12 +744,7 @@ def script(grid: str) -> None:
     from dae_jax import guard
 
     guard.install_excepthook()
-    argv = [f"experiments/{grid}.py", f"--grid={grid}", *sys.argv[1:]]
-    if any(a.lstrip("-").startswith("grid") for a in sys.argv[1:]):
-        print(f"error: --grid does not apply here: this script is the {grid} grid; "
-              "run dae-jax sweep --grid=... for another", file=sys.stderr)  # fmt: skip
-        guard.exit_quietly(2)
-    guard.exit_quietly(main(argv, program=True))
+    guard.exit_quietly(main([f"experiments/{grid}.py", *sys.argv[1:]], program=True, script=grid))
 
 
 def _define(values: Any) -> None:
@@ -766,8 +762,8 @@ def _define(values: Any) -> None:
     flags.DEFINE_string("plot", "", "The figures' axes: x:KEY[,hue:KEY].", **kw)
 
 
-def command(argv: list[str], g: Any) -> int:
-    grid_name = next((a.split("=", 1)[1] for a in argv if a.startswith("--grid=")), "")
+def command(argv: list[str], g: Any, script: str = "") -> int:
+    grid_name = script or next((a.split("=", 1)[1] for a in argv if a.startswith("--grid=")), "")
     doc = "\n\n".join(__doc__.split("\n\n")[:2]) + "\n\ngrids (--grid=NAME):\n"
     doc += "\n".join(f"  {n}: {grid.get('doc', '')}" for n, grid in grids.GRIDS.items())
     if grid_name in grids.GRIDS:
@@ -776,7 +772,10 @@ def command(argv: list[str], g: Any) -> int:
     if parsed is None:
         return 0
     values, config, argv = parsed.flags, parsed.config, parsed.argv
-    name, grid = load_grid(values.grid) if values.grid else ("sweep", {})
+    if script and values["grid"].present:
+        raise UserError(f"--grid does not apply here: this script is the {script} grid; "
+                        "run dae-jax sweep --grid=... for another")  # fmt: skip
+    name, grid = load_grid(script or values.grid) if script or values.grid else ("sweep", {})
     given = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
     axes: dict[str, list[Any]] = {}
     for text in values.axis:
@@ -819,12 +818,9 @@ def command(argv: list[str], g: Any) -> int:
     score = {s: grid.get("score", {}).get(s, True) if v is None else v for s, v in chosen.items()}
     report.start(g, parsed)
     g.stage = "running the sweep"
-    command_line = parsed.command  # as typed: a script's own --grid is not shown
-    if argv[0].endswith(".py"):
-        command_line = command_line.replace(f" --grid={grid_name}", "", 1)
     run(
         name, parsed.config, prods, parsed.seeds, parsed.workdir, score=score, plot=plot,
-        command=command_line,
+        command=parsed.command,
     )  # fmt: skip
     print(f"Results: {parsed.workdir / 'results.md'}")
     return 0

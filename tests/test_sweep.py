@@ -247,6 +247,19 @@ def test_mistakes_end_in_one_line(tmp_path, args, line):
     assert not (tmp_path / "w").exists()  # nothing written for a refused command
 
 
+def test_a_grid_script_refuses_another_grid(tmp_path, capsys):
+    from dae_jax import sweep
+
+    argv = ["experiments/noise_sweep.py", f"--workdir={tmp_path / 'w'}", "--grid=loss_comparison"]
+    assert sweep.main(argv, script="noise_sweep") == 2
+    (got,) = capsys.readouterr().err.strip().splitlines()
+    assert got == (
+        "error: --grid does not apply here: this script is the noise_sweep grid; "
+        "run dae-jax sweep --grid=... for another"
+    )
+    assert not (tmp_path / "w").exists()
+
+
 def test_a_sweep_whose_population_cannot_fit_is_refused_before_anything_is_written(
     tmp_path, monkeypatch
 ):
