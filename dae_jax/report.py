@@ -26,11 +26,6 @@ from dae_jax import configs, models, runfiles
 from dae_jax.errors import UserError, one_line
 
 
-def where(device: dict[str, Any]) -> str:
-    """The CPU's name on CPU, else the accelerator's."""
-    return device["cpu"] if device["platform"] == "cpu" else device["device_kind"]
-
-
 def numbers(flag: str, values: Sequence[str], kind: type, example: str) -> list:
     """A list flag's values as ``kind``; a value that is not one ends in a ``UserError``."""
     try:
@@ -133,11 +128,12 @@ def write(
         **extra,
     }
     device = info["device"]
+    name = device["cpu"] if device["platform"] == "cpu" else device["device_kind"]
     header = (
         f"# {experiment}\n\n"
         + (f"Command: `{command}`\n\n" if command else "")
         + f"{config.data.name}, model {models.describe(config)}, seeds {list(seeds)}, mean ± std "
-        f"over seeds; {info['date']}, {where(device)} ({device['platform']}), "
+        f"over seeds; {info['date']}, {name} ({device['platform']}), "
         f"jax {info['versions']['jax']}, {info['seconds'] / 60:.1f} min."
         + (f" {note}" if note else "")
     )

@@ -4,26 +4,16 @@
                   [--config=NAME|FILE] [--config.KEY=VALUE ...] [--quick]
                   [--nobm3d] [--noprobe] [--nomatrix] [--plot=x:KEY,hue:KEY]
 
-A *member* is the base config with one value per axis, and a seed. Members that differ
-only in the traced keys (``step.TRACED``: noise level, learning rate, weight decay) and
-the seed train as one population, one ``vmap``-ed program, in ``W/models/<name>/``;
-members that differ in anything else (width, model kind, loss, noise kind, batch size)
-train as consecutive populations. ``W/sweep.json`` lists the populations, each a
-resumable run, and every scoring stage is kept in ``W/stages/``: a killed sweep resumes
-to the same ``results.csv``, and the same command with more values extends a finished
-sweep, training only the new members.
+A member is the base config with one value per axis, and a seed. Members that differ only
+in traced keys (``step.TRACED``: noise kind and level, learning rate, weight decay) train
+as one vmapped population in ``W/models/<name>/``; the others as consecutive populations,
+listed in ``W/sweep.json``. Scores are kept in ``W/stages/``: a killed sweep resumes to
+the same ``results.csv``, and the same command with more values trains only the new ones.
 
-Scoring: each model at its own corruption (and, ``--matrix``, at every level of its noise
-kind in the sweep): PSNR, SSIM, MSE, beside the noisy input and classical references
-tuned per level on the same images (``--bm3d``: BM3D for Gaussian noise on the first test
-images, the models scored on those too as ``*_subset``); ``--probe``: a linear probe of
-each encoder's codes (L-BFGS logistic regression). A reference computed once for a test
-condition is reused by every later sweep on that workdir.
-
-Outputs: ``results.csv`` (tidy: one row per member x test condition x metric, a column
-per axis and the seed), ``results.json``, ``results.md`` (mean ± std over seeds) and
-``figures/``. Hyperparameter search with a sampler (Optuna and the like) would plug in
-as a grid: a list of products of one value each, written by the sampler.
+Writes ``results.csv`` (a row per member x test condition x metric, a column per axis),
+``results.json``, ``results.md`` (mean ± std over seeds) and ``figures/``, beside the noisy
+input and classical references (BM3D, ``--bm3d``) tuned on the same images, and a linear
+probe of the codes (``--probe``): docs/experiments.md, "How a sweep runs".
 """
 
 from __future__ import annotations
@@ -370,16 +360,12 @@ def run(
             shaped = engine.with_image_shape(population.config(config), dataset)
             engine.check_memory(shaped, len(population.members), dataset)
         if new:
-            count, before = (
-                sum(len(p.members) for p in new),
-                sum(len(p.members) for p in populations),
-            )
+            count, before = (sum(len(p.members) for p in pops) for pops in (new, populations))
+            others = f", the other {len(specs) - count} are in the {before} trained before"
             log(
                 f"{experiment}: {len(specs)} models; {count} to train in {len(new)} new "
-                "population(s) (one compiled program each)"
-                + (f", the other {len(specs) - count} are in the {before} trained before"
-                   if populations else "")
-            )  # fmt: skip
+                f"population(s) (one compiled program each){others if populations else ''}"
+            )
             populations += new
             _save_manifest(workdir, config, populations)
         else:
