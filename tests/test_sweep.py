@@ -392,3 +392,36 @@ def test_help_of_the_commands_that_parse_their_own_flags(command):
         assert f"dae-jax {command}" in result.stdout and "--" in result.stdout
     if command == "sweep":
         assert "noise_sweep:" in result.stdout and "--axis" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["noise_sweep", "corruption_types", "loss_comparison"])
+def test_the_committed_sweep_results_are_what_the_writer_makes_of_their_rows(
+    name, tmp_path, monkeypatch
+):
+    """results.csv and results.md's tables, written again from the committed results.json
+    (its rows and members), are the committed files: a change to the writer keeps the
+    committed results valid, or regenerates them."""
+    import ml_collections
+
+    from dae_jax import sweep
+
+    directory = REPO / "experiments" / "results" / name
+    saved = json.loads((directory / "results.json").read_text())
+
+    def typed(value):  # JSON has lists where the config has tuples
+        return tuple(value) if isinstance(value, list) else value
+
+    specs = [
+        sweep.Spec(tuple((k, typed(v)) for k, v in m["values"].items()), m["seed"])
+        for m in saved["members"]
+    ]
+    own = {spec.values: m["test"] for spec, m in zip(specs, saved["members"], strict=True)}
+    monkeypatch.setattr(sweep, "figures", lambda *args: None)
+    sweep.write(
+        tmp_path, saved["experiment"], ml_collections.ConfigDict(saved["config"]), saved["axes"],
+        specs, own, [sweep._numbers_back(r) for r in saved["rows"]], saved["score"],
+        saved["plot"], saved["command"], time.perf_counter(),
+    )  # fmt: skip
+    assert (tmp_path / "results.csv").read_text() == (directory / "results.csv").read_text()
+    tables = [(d / "results.md").read_text().split("\n\n|", 1)[1] for d in (tmp_path, directory)]
+    assert tables[0] == tables[1]
