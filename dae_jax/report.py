@@ -148,7 +148,7 @@ def _help(doc: str, values: Any) -> str:
         f"  --{flag.name}: {flag.help}"
         for module_flags in values.flags_by_module_dict().values()
         for flag in module_flags
-        if flag.name != "config"
+        if not flag.name.startswith("config")
     ]
     keys = "\n".join(f"  --config.{k}={v!r}" for k, v in configs.flat(values.config).items())
     return "\n\n".join(
@@ -207,7 +207,8 @@ def parse(
     try:  # the config file is loaded, and its overrides applied, as it is defined
         define_config_flag(argv, default_config or str(DEFAULT_CONFIG), values, lock_config=False)
         wants_help = any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv)
-        positional = values(argv[:1] if wants_help else argv)[1:]
+        config_flags = [a for a in argv[1:] if a.lstrip("-").startswith("config")]
+        positional = values([argv[0], *config_flags] if wants_help else argv)[1:]
         config = values.config
         config.to_dict()
     except UserError:

@@ -247,6 +247,14 @@ def test_mistakes_end_in_one_line(tmp_path, args, line):
     assert not (tmp_path / "w").exists()  # nothing written for a refused command
 
 
+def test_help_lists_the_keys_of_the_config_given_with_it():
+    result = cli_here("sweep", "--config=seed", "--config.noise.level=0.3", "--help")
+    assert result.returncode == 0, result.stderr
+    keys = result.stdout.split("config keys (defaults):")[1]
+    assert "--config.data.name='mnist'" in keys and "--config.noise.level=0.3" in keys
+    assert "override" not in result.stdout  # the flags list names the flags, not overrides
+
+
 def test_a_grid_script_refuses_another_grid(tmp_path, capsys):
     from dae_jax import sweep
 
