@@ -57,7 +57,7 @@ bench: install
 TEST_WORKERS ?= 2
 
 # The fast tier: every test not marked slow, in process (no subprocess per test); under 5
-# minutes on 2 cores (3.4 min measured with 2 workers, 5.2 min in one process).
+# minutes on 2 cores (3.0-3.4 min measured with 2 workers, 5.2 min in one process).
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadscope
 
