@@ -207,8 +207,7 @@ def parse(
     try:  # the config file is loaded, and its overrides applied, as it is defined
         define_config_flag(argv, default_config or str(DEFAULT_CONFIG), values, lock_config=False)
         wants_help = any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv)
-        config_flags = [a for a in argv[1:] if a.lstrip("-").startswith("config")]
-        positional = values([argv[0], *config_flags] if wants_help else argv)[1:]
+        positional = values(argv, known_only=wants_help)[1:]  # --help: the others' values
         config = values.config
         config.to_dict()
     except UserError:

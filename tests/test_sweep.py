@@ -247,8 +247,15 @@ def test_mistakes_end_in_one_line(tmp_path, args, line):
     assert not (tmp_path / "w").exists()  # nothing written for a refused command
 
 
-def test_help_lists_the_keys_of_the_config_given_with_it():
-    result = cli_here("sweep", "--config=seed", "--config.noise.level=0.3", "--help")
+@pytest.mark.parametrize(
+    "given",
+    [
+        ["--config=seed", "--config.noise.level=0.3"],
+        ["--config", "seed", "--config.noise.level", "0.3"],
+    ],
+)
+def test_help_lists_the_keys_of_the_config_given_with_it(given):
+    result = cli_here("sweep", *given, "--help", "--nonsense")  # --help wins over a typo
     assert result.returncode == 0, result.stderr
     keys = result.stdout.split("config keys (defaults):")[1]
     assert "--config.data.name='mnist'" in keys and "--config.noise.level=0.3" in keys
