@@ -596,11 +596,11 @@ def _line(rows: list[dict], values: tuple, seeds: int, at: dict[str, Any]) -> di
     }
 
 
-# The columns of results.md after the axes: summary key -> (heading, digits); the DAE's bold
-# where best.
-COLUMNS = {"noisy_psnr": ("noisy PSNR", 2), "best_classical_psnr": ("best classical PSNR", 2),
-           "psnr": ("DAE PSNR", 2), "gain_db": ("gain (dB)", 2), "ssim": ("DAE SSIM", 3),
-           "probe": ("linear probe acc.", 4)}  # fmt: skip
+# The columns of results.md after the axes: summary key -> (heading, digits, bold where best).
+COLUMNS = {"noisy_psnr": ("noisy PSNR", 2, False),
+           "best_classical_psnr": ("best classical PSNR", 2, False),
+           "psnr": ("DAE PSNR", 2, True), "gain_db": ("gain (dB)", 2, True),
+           "ssim": ("DAE SSIM", 3, True), "probe": ("linear probe acc.", 4, True)}  # fmt: skip
 
 
 def markdown(lines: list[dict[str, Any]], axes: list[str], rows: list[dict], score: dict) -> str:
@@ -608,7 +608,7 @@ def markdown(lines: list[dict[str, Any]], axes: list[str], rows: list[dict], sco
     DAE's PSNR over the first axis when there are two or more, and BM3D beside the DAE."""
     columns = [key for key in COLUMNS if key != "probe" or score.get("probe", True)]
     means = {key: [ln[key][0] if isinstance(ln[key], tuple) else ln[key] for ln in lines]
-             for key in columns[2:]}  # fmt: skip
+             for key in columns if COLUMNS[key][2]}  # fmt: skip
     best = {key: max(filter(math.isfinite, m), default=None) for key, m in means.items()}
     table = []
     for line in lines:
@@ -638,9 +638,8 @@ def _pivot(lines: list[dict[str, Any]], axes: list[str]) -> list[str]:
     table: dict[str, dict[str, str]] = {}
     for line in lines:
         name = ", ".join(f"{a}={report.show(line['values'][a])}" for a in rest)
-        table.setdefault(name, {})[report.show(line["values"][first])] = report.cell(
-            line["psnr"], 2
-        )
+        column = report.show(line["values"][first])
+        table.setdefault(name, {})[column] = report.cell(line["psnr"], 2)
     columns = list(dict.fromkeys(report.show(ln["values"][first]) for ln in lines))
     rows = [[name, *(cells.get(c, "—") for c in columns)] for name, cells in table.items()]
     return report.markdown_table([", ".join(rest), *(f"{first}={c}" for c in columns)], rows)
@@ -714,13 +713,15 @@ def figures(directory: Path, rows, lines, axes, score, plot) -> None:
 # ------------------------------------------------------------------- command line
 
 
-def main(argv: Sequence[str], *, program: bool = False, script: str = "") -> int:
-    """``dae-jax sweep`` with ``argv`` (``argv[0]`` the program; ``script``: the named
-    grid's script) under the crash guard; returns the exit code. Parses into its own
-    ``FlagValues``: callable in-process."""
+def main(argv: Sequence[str], *, program: bool = False, script_grid: str = "") -> int:
+    """``dae-jax sweep`` with ``argv`` (``argv[0]`` the program; ``script_grid``: the grid
+    whose script this is) under the crash guard; returns the exit code. Parses into its
+    own ``FlagValues``: callable in-process."""
     from dae_jax import guard
 
-    return guard.run("dae-jax sweep", lambda g: command(list(argv), g, script), program=program)
+    return guard.run(
+        "dae-jax sweep", lambda g: command(list(argv), g, script_grid), program=program
+    )
 
 
 def script(grid: str) -> None:
@@ -730,7 +731,9 @@ def script(grid: str) -> None:
     from dae_jax import guard
 
     guard.install_excepthook()
-    guard.exit_quietly(main([f"experiments/{grid}.py", *sys.argv[1:]], program=True, script=grid))
+    guard.exit_quietly(
+        main([f"experiments/{grid}.py", *sys.argv[1:]], program=True, script_grid=grid)
+    )
 
 
 def _define(values: Any) -> None:
@@ -748,8 +751,10 @@ def _define(values: Any) -> None:
     flags.DEFINE_string("plot", "", "The figures' axes: x:KEY[,hue:KEY].", **kw)
 
 
-def command(argv: list[str], g: Any, script: str = "") -> int:
-    grid_name = script or next((a.split("=", 1)[1] for a in argv if a.startswith("--grid=")), "")
+def command(argv: list[str], g: Any, script_grid: str = "") -> int:
+    grid_name = script_grid or next(
+        (a.split("=", 1)[1] for a in argv if a.startswith("--grid=")), ""
+    )
     doc = "\n\n".join(__doc__.split("\n\n")[:2]) + "\n\ngrids (--grid=NAME):\n"
     doc += "\n".join(f"  {n}: {grid.get('doc', '')}" for n, grid in grids.GRIDS.items())
     if grid_name in grids.GRIDS:
@@ -758,10 +763,11 @@ def command(argv: list[str], g: Any, script: str = "") -> int:
     if parsed is None:
         return 0
     values, config, argv = parsed.flags, parsed.config, parsed.argv
-    if script and values["grid"].present:
-        raise UserError(f"--grid does not apply here: this script is the {script} grid; "
+    if script_grid and values["grid"].present:
+        raise UserError(f"--grid does not apply here: this script is the {script_grid} grid; "
                         "run dae-jax sweep --grid=... for another")  # fmt: skip
-    name, grid = load_grid(script or values.grid) if script or values.grid else ("sweep", {})
+    spec = script_grid or values.grid
+    name, grid = load_grid(spec) if spec else ("sweep", {})
     given = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
     axes: dict[str, list[Any]] = {}
     for text in values.axis:

@@ -266,7 +266,7 @@ def test_a_grid_script_refuses_another_grid(tmp_path, capsys):
     from dae_jax import sweep
 
     argv = ["experiments/noise_sweep.py", f"--workdir={tmp_path / 'w'}", "--grid=loss_comparison"]
-    assert sweep.main(argv, script="noise_sweep") == 2
+    assert sweep.main(argv, script_grid="noise_sweep") == 2
     (got,) = capsys.readouterr().err.strip().splitlines()
     assert got == (
         "error: --grid does not apply here: this script is the noise_sweep grid; "
